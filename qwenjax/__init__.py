@@ -1,0 +1,15 @@
+"""qwenjax: the Qwen3.6 / Qwen3.5 hybrid models in JAX.
+
+Public API:
+    ModelConfig                       model hyper-parameters, presets, `from_hf`
+    build(config, dtype=..., abstract=False)  a randomly initialised (or shape-only) model
+    load(path, dtype=None)            a model from a Hugging Face or qwenjax checkpoint directory
+    param_count(model)                number of parameters of a (possibly abstract) model
+    model(input_ids)                  logits [B, T, vocab]
+"""
+
+from qwenjax.api import build, param_count
+from qwenjax.checkpoint import load
+from qwenjax.config import ModelConfig
+
+__all__ = ["ModelConfig", "build", "load", "param_count"]

@@ -1,0 +1,312 @@
+"""HF safetensors ⇄ qwenjax checkpoints, streamed one tensor at a time, and `load` from either.
+
+The key table (`hf_keys.table`) says which HF tensor(s) make each of our parameters; this module
+only moves bytes: it checks the whole HF key set against the table before reading any data,
+then fills one parameter at a time (a stacked parameter block by block) and hands it to a
+writer, so peak host memory is a small multiple of the largest parameter, never the model.
+
+`dtype=None` keeps every tensor's dtype, so HF → qwenjax → HF reproduces the files bit for bit
+(tensor bytes, dtypes, keys and `config.json`); a dtype casts every parameter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenjax.api import build
+from qwenjax.checkpoint import orbax_io
+from qwenjax.checkpoint.hf_io import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    SafetensorsReader,
+    ShardedWriter,
+    TensorSpec,
+    atomic_directory,
+    check_tensors,
+    raise_problems,
+    read_tensor,
+)
+from qwenjax.checkpoint.hf_keys import TEXT_PREFIX, VLM_PREFIX, Entry, table
+from qwenjax.checkpoint.progress import Progress
+from qwenjax.config import ModelConfig
+from qwenjax.model import Qwen35
+
+LAYOUTS = {TEXT_PREFIX: "text", VLM_PREFIX: "vlm"}
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".safetensors.index.json",
+    ".bin",
+    ".bin.index.json",
+    ".pt",
+    ".pth",
+    ".gguf",
+    ".h5",
+    ".msgpack",
+)
+
+
+def _param_shapes(config: ModelConfig) -> dict[tuple, tuple[int, ...]]:
+    state = nnx.state(build(config, abstract=True), nnx.Param)
+    return {tuple(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}
+
+
+def _float_dtype(dtype: jnp.dtype | str | None) -> np.dtype | None:
+    if dtype is None:
+        return None
+    d = jnp.dtype(dtype)
+    if not jnp.issubdtype(d, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype (bfloat16, float32, …), got {d}")
+    return d
+
+
+def _check_distinct(src: Path, dst: Path) -> None:
+    a, b = src.resolve(), dst.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise ValueError(f"source {src} and destination {dst} must not contain each other")
+
+
+def _copy_side_files(src: Path, dst: Path, skip) -> None:
+    """Copy the top-level non-weight files (config, tokenizer, templates, …) verbatim."""
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not skip(f.name):
+            shutil.copy2(f, dst / f.name)
+
+
+# ---------------------------------------------------------------------- HF side
+def _open_hf(src: Path) -> tuple[SafetensorsReader, ModelConfig, list[Entry]]:
+    """Config, headers and table of a HF checkpoint, checked for completeness before any data."""
+    config = ModelConfig.from_hf(src)
+    reader = SafetensorsReader(src)
+    entries = table(_param_shapes(config), config, reader.prefix)
+    problems = check_tensors({k: e.hf_shape for e in entries for k in e.hf_keys}, reader.tensors)
+    for e in entries:  # the blocks of one stacked parameter must agree on dtype
+        found = {k: reader.tensors[k].dtype for k in e.hf_keys if k in reader.tensors}
+        if len(set(found.values())) > 1:
+            listing = ", ".join(f"{k}: {d}" for k, d in found.items())
+            problems.append(f"mixed dtypes in one stacked parameter: {listing}")
+    raise_problems(problems, f"HF checkpoint {src} does not match its config.json")
+    return reader, config, entries
+
+
+def _read_leaf(
+    reader: SafetensorsReader, e: Entry, dtype: np.dtype | None, progress: Progress
+) -> np.ndarray:
+    """One parameter in our layout, assembled from its HF tensor(s) one tensor at a time."""
+    infos = [reader.tensors[k] for k in e.hf_keys]
+    leaf = np.empty(e.shape, dtype or infos[0].dtype)
+    for b, info in enumerate(infos):
+        part = leaf[b] if e.stacked else leaf
+        part[...] = e.to_ours(read_tensor(info))  # casts when dtype is given
+        progress.update(info.key, info.nbytes)
+    return leaf
+
+
+def _dtype_summary(dtypes: list[np.dtype]) -> dict:
+    names = sorted({str(d) for d in dtypes})
+    return {
+        "dtype": names[0] if len(names) == 1 else "mixed",
+        "param_dtypes": {n: sum(str(d) == n for d in dtypes) for n in names},
+    }
+
+
+def hf_to_qwenjax(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    dtype: jnp.dtype | str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert a HF checkpoint directory (text or VLM layout, MTP included) to ours.
+
+    `model.visual.*` tensors are skipped without being read. Every other tensor must be exactly
+    the set the config implies; all mismatches are reported in one `CheckpointError`.
+
+    Args:
+      src: HF directory (`config.json` + `model.safetensors` or an index and shards).
+      dst: the directory to create; written beside it first and renamed when complete.
+      dtype: cast every parameter to this dtype; None keeps the checkpoint's dtypes.
+      overwrite: replace an existing `dst`.
+      progress: report each tensor on stderr.
+
+    Returns:
+      The destination path.
+    """
+    src, dst = Path(src), Path(dst)
+    _check_distinct(src, dst)
+    target = _float_dtype(dtype)
+    reader, _, entries = _open_hf(src)
+    infos = [reader.tensors[k] for e in entries for k in e.hf_keys]
+    bar = Progress("import", len(infos), sum(i.nbytes for i in infos), enabled=progress)
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        _copy_side_files(src, tmp, skip=lambda name: name.endswith(_WEIGHT_SUFFIXES))
+        writer = orbax_io.ParamWriter(tmp)
+        dtypes = []
+        for e in entries:
+            leaf = _read_leaf(reader, e, target, bar)
+            dtypes.append(leaf.dtype)
+            writer.add(e.path, leaf)
+            del leaf  # the writer holds it until written: only one copy is ever alive
+        writer.close()
+        bar.close()
+        orbax_io.write_manifest(
+            tmp,
+            **_dtype_summary(dtypes),
+            hf_layout=LAYOUTS[reader.prefix],
+            hf_prefix=reader.prefix,
+            num_params=len(entries),
+            num_hf_tensors=len(infos),
+        )
+    return dst
+
+
+# ---------------------------------------------------------------------- qwenjax side
+def _open_qwenjax(src: Path) -> tuple[ModelConfig, list[Entry], dict]:
+    """Manifest, table and stored leaf shapes/dtypes of one of our checkpoints, cross-checked."""
+    manifest = orbax_io.read_manifest(src)
+    prefix = manifest.get("hf_prefix")
+    if prefix not in LAYOUTS:
+        raise CheckpointError(f"{src}: unknown hf_prefix {prefix!r} in the manifest")
+    config = ModelConfig.from_hf(src)
+    entries = table(_param_shapes(config), config, prefix)
+    stored = orbax_io.leaf_info(src)
+    left = dict(stored)
+    problems = []
+    for e in entries:
+        key = tuple(map(str, e.path))
+        found = left.pop(key, None)
+        if found is None or found[0] != e.shape:
+            got = "not found" if found is None else f"found {list(found[0])}"
+            problems.append(f"{'/'.join(key)}: expected {list(e.shape)}, {got}")
+    problems += [f"{'/'.join(k)}: unexpected, found {list(s)}" for k, (s, _) in left.items()]
+    raise_problems(problems, f"qwenjax checkpoint {src} does not match its config.json")
+    return config, entries, stored
+
+
+def qwenjax_to_hf(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    dtype: jnp.dtype | str | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Export one of our checkpoints to HF safetensors, with the keys and layout it came from.
+
+    Args:
+      src: a qwenjax checkpoint directory.
+      dst: the HF directory to create (written beside it, renamed when complete).
+      dtype: cast every tensor; None keeps each parameter's stored dtype.
+      max_shard_size: shard size limit, e.g. "5GB" (decimal units, as transformers) or "4GiB".
+      overwrite: replace an existing `dst`.
+      progress: report each tensor on stderr.
+
+    Returns:
+      The destination path.
+    """
+    src, dst = Path(src), Path(dst)
+    _check_distinct(src, dst)
+    target = _float_dtype(dtype)
+    _, entries, stored = _open_qwenjax(src)
+    specs = [
+        TensorSpec(k, target or stored[tuple(map(str, e.path))][1], e.hf_shape)
+        for e in entries
+        for k in e.hf_keys
+    ]
+    by_path = {e.path: e for e in entries}
+    bar = Progress("export", len(specs), sum(s.nbytes for s in specs), enabled=progress)
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        _copy_side_files(src, tmp, skip=lambda name: name == orbax_io.MANIFEST)
+        writer = ShardedWriter(tmp, specs, max_shard_size)
+        for path, leaf in orbax_io.iter_leaves(src, list(by_path)):
+            e = by_path[path]
+            for b, key in enumerate(e.hf_keys):
+                w = e.to_hf(leaf[b] if e.stacked else leaf)
+                w = w if target is None else w.astype(target)
+                writer.write(key, w)
+                bar.update(key, w.nbytes)
+            del leaf
+        writer.close()
+        bar.close()
+    return dst
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    dtype: jnp.dtype | str | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """HF → qwenjax or qwenjax → HF, chosen by what `src` is (`max_shard_size` is for export)."""
+    if _kind(Path(src)) == "qwenjax":
+        return qwenjax_to_hf(
+            src,
+            dst,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    return hf_to_qwenjax(src, dst, dtype=dtype, overwrite=overwrite, progress=progress)
+
+
+# ---------------------------------------------------------------------- load
+def _kind(path: Path) -> str:
+    """ "qwenjax" or "hf"; anything else (including an interrupted write) is an error."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if orbax_io.is_qwenjax_checkpoint(path):
+        return "qwenjax"
+    if (path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file():
+        return "hf"
+    raise CheckpointError(
+        f"{path} is not a checkpoint: it has neither {orbax_io.MANIFEST} (a qwenjax checkpoint) "
+        f"nor {SINGLE_FILE} / {INDEX_FILE} (a HF checkpoint); is it an interrupted conversion?"
+    )
+
+
+def _merge(config: ModelConfig, compute: np.dtype, arrays: dict[tuple, jax.Array]) -> Qwen35:
+    graphdef, state = nnx.split(build(config, dtype=compute, abstract=True))
+    flat = [(p, v.replace(value=arrays[tuple(p)])) for p, v in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load(path: str | os.PathLike, *, dtype: jnp.dtype | str | None = None) -> Qwen35:
+    """A model from a HF checkpoint directory or one of ours (told apart by `qwenjax.json`).
+
+    Parameters are read and placed on the default device one at a time, so host memory peaks
+    at the model plus about one parameter. (A single orbax restore of the whole tree measured
+    ~1.3× the model on the host.) `dtype=None` keeps the checkpoint's parameter dtypes and
+    computes in the embedding's dtype; a dtype casts every parameter and is the compute dtype.
+
+    Raises:
+      CheckpointError: an incomplete, corrupt or mismatched checkpoint (names what is wrong).
+    """
+    path = Path(path)
+    target = _float_dtype(dtype)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if _kind(path) == "qwenjax":
+        config, entries, _ = _open_qwenjax(path)
+        arrays = {
+            p: jax.device_put(leaf if target is None else leaf.astype(target), device)
+            for p, leaf in orbax_io.iter_leaves(path, [e.path for e in entries])
+        }
+    else:
+        reader, config, entries = _open_hf(path)
+        off = Progress("load", 0, 0, enabled=False)
+        arrays = {
+            e.path: jax.device_put(_read_leaf(reader, e, target, off), device) for e in entries
+        }
+    return _merge(config, target or arrays[("embed_tokens",)].dtype, arrays)

@@ -1,0 +1,5 @@
+"""Attention kernels."""
+
+from qwenjax.kernels.attention.api import attention
+
+__all__ = ["attention"]

@@ -1,0 +1,170 @@
+"""Gated delta rule entry points: the only import the model uses.
+
+`gated_delta_rule` runs a whole sequence (training, prefill) through a chosen backend;
+`gated_delta_step` advances the recurrent state by one token (decoding). Both implement, per batch
+row and value head n (reading query/key head n // (Hv // Hk)), with a fp32 state S [dk, dv]:
+
+    S <- exp(g_t) S;   S <- S + k_t (x) beta_t (v_t - S^T k_t);   o_t = S^T q_t
+
+after optional l2 normalisation of q, k and scaling of q; see `reference.py` for the full rule
+and `xla.py` for the chunked form. Shapes are checked here, once, with errors naming the argument.
+"""
+
+from collections.abc import Callable
+
+import jax
+
+from qwenjax.kernels.gated_delta_rule.reference import (
+    compute_dtype,
+    delta_rule_step,
+    gated_delta_rule_reference,
+    prepare_qk,
+)
+from qwenjax.kernels.gated_delta_rule.xla import gated_delta_rule_chunked
+
+_BACKENDS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
+    "reference": gated_delta_rule_reference,
+    "chunked": gated_delta_rule_chunked,
+}
+# Resolution of backend="auto"; the Pallas backends will slot in here per platform.
+_AUTO_BACKEND = "chunked"
+
+
+def _check_heads(q: jax.Array, k: jax.Array, v: jax.Array, lead: tuple[int, ...]) -> None:
+    """Checks q, k [*lead, Hk, dk] and v [*lead, Hv, dv] with Hv a multiple of Hk."""
+    n = len(lead)
+    if q.ndim != n + 2 or q.shape[:n] != lead:
+        raise ValueError(f"q must have shape [{', '.join('BT'[:n])}, Hk, dk], got {q.shape}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {q.shape}, got {k.shape}")
+    if v.ndim != n + 2 or v.shape[:n] != lead:
+        raise ValueError(f"v must have shape {lead} + (Hv, dv), got {v.shape} (q is {q.shape})")
+    if v.shape[-2] % q.shape[-2]:
+        raise ValueError(
+            f"v heads Hv={v.shape[-2]} must be a multiple of q/k heads Hk={q.shape[-2]} "
+            f"(v {v.shape}, q {q.shape})"
+        )
+
+
+def _check_gates(g: jax.Array, beta: jax.Array, expected: tuple[int, ...]) -> None:
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != expected:
+            raise ValueError(f"{name} must have shape {expected} ([..., Hv] of v), got {x.shape}")
+
+
+def _check_state(state: jax.Array, expected: tuple[int, ...], name: str) -> None:
+    if state.shape != expected:
+        raise ValueError(f"{name} must have shape {expected} ([B, Hv, dk, dv]), got {state.shape}")
+
+
+def gated_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    use_qk_l2norm: bool = True,
+    backend: str = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """Runs the gated delta rule over a sequence.
+
+    Args:
+      q: [B, T, Hk, dk] queries.
+      k: [B, T, Hk, dk] keys.
+      v: [B, T, Hv, dv] values, Hv a multiple of Hk; value head n reads q/k head n // (Hv // Hk).
+      g: [B, T, Hv] log-decays (<= 0).
+      beta: [B, T, Hv] write strengths in (0, 1).
+      scale: query scale; defaults to dk**-0.5.
+      initial_state: [B, Hv, dk, dv] state before token 0 (zeros if None); it applies to the
+        row's first segment only.
+      segment_ids: [B, T] ints for packed documents; the state is reset wherever the id changes
+        between neighbouring tokens.
+      use_qk_l2norm: l2-normalise q and k over dk (in fp32) before use.
+      backend: "reference" (token-serial scan), "chunked" (UT / WY chunks, pure jnp) or "auto".
+
+    Returns:
+      (out [B, T, Hv, dv] in v.dtype, final state [B, Hv, dk, dv] fp32, or
+        float64 for float64 inputs).
+
+    Raises:
+      ValueError: on an unknown backend or inconsistent shapes.
+    """
+    name = _AUTO_BACKEND if backend == "auto" else backend
+    if name not in _BACKENDS:
+        valid = ", ".join(["auto", *_BACKENDS])
+        raise ValueError(f"unknown gated delta rule backend {backend!r}; valid: {valid}")
+    if q.ndim != 4:
+        raise ValueError(f"q must have shape [B, T, Hk, dk], got {q.shape}")
+    b, t, _, dk = q.shape
+    _check_heads(q, k, v, (b, t))
+    hv, dv = v.shape[2:]
+    _check_gates(g, beta, (b, t, hv))
+    if initial_state is not None:
+        _check_state(initial_state, (b, hv, dk, dv), "initial_state")
+    if segment_ids is not None and segment_ids.shape != (b, t):
+        raise ValueError(f"segment_ids must have shape {(b, t)} ([B, T]), got {segment_ids.shape}")
+    return _BACKENDS[name](
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale=scale,
+        initial_state=initial_state,
+        segment_ids=segment_ids,
+        use_qk_l2norm=use_qk_l2norm,
+    )
+
+
+def gated_delta_step(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    state: jax.Array,
+    *,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Advances the recurrent state by one token (the decode step).
+
+    Args:
+      q: [B, Hk, dk] query.
+      k: [B, Hk, dk] key.
+      v: [B, Hv, dv] value, Hv a multiple of Hk.
+      g: [B, Hv] log-decay (<= 0).
+      beta: [B, Hv] write strength in (0, 1).
+      state: [B, Hv, dk, dv] fp32 state after the previous token.
+      scale: query scale; defaults to dk**-0.5.
+      use_qk_l2norm: l2-normalise q and k over dk (in fp32) before use.
+
+    Returns:
+      (out [B, Hv, dv] in v.dtype, new state [B, Hv, dk, dv] fp32, or
+        float64 for float64 inputs).
+
+    Raises:
+      ValueError: on inconsistent shapes.
+    """
+    if q.ndim != 3:
+        raise ValueError(f"q must have shape [B, Hk, dk], got {q.shape}")
+    b, hk, dk = q.shape
+    _check_heads(q, k, v, (b,))
+    hv, dv = v.shape[1:]
+    _check_gates(g, beta, (b, hv))
+    _check_state(state, (b, hv, dk, dv), "state")
+    grp, dtype = hv // hk, compute_dtype(q, k, v, state)
+    q, k = prepare_qk(q, k, scale, use_qk_l2norm)  # [B, K, E]
+    out, state = delta_rule_step(
+        state.astype(dtype).reshape(b, hk, grp, dk, dv),
+        q.astype(dtype),
+        k.astype(dtype),
+        v.astype(dtype).reshape(b, hk, grp, dv),
+        g.astype(dtype).reshape(b, hk, grp),
+        beta.astype(dtype).reshape(b, hk, grp),
+    )
+    return out.reshape(b, hv, dv).astype(v.dtype), state.reshape(b, hv, dk, dv)

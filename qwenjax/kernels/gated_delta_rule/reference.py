@@ -1,0 +1,137 @@
+"""Token-serial gated delta rule: the readable JAX oracle.
+
+Per batch row and value head, with a fp32 state S of shape [dk, dv] (FLA
+`naive_recurrent_gated_delta_rule` semantics, state laid out key-major):
+
+    S   <- 0                         if token t starts a new packed segment
+    S   <- exp(g_t) * S              g_t <= 0 is a log-decay
+    u   =  S^T k_t                   [dv]
+    d   =  beta_t * (v_t - u)        delta-rule correction
+    S   <- S + k_t (x) d             outer product, [dk, dv]
+    o_t =  S^T q_t                   read after the update
+
+q and k are optionally l2-normalised over dk (eps 1e-6 inside the rsqrt), then q is scaled by
+`scale` (default dk**-0.5). Value head n reads query/key head n // G with G = Hv // Hk.
+
+Einsum letters: B batch, T tokens, K key heads, G value heads per key head, E key dim, H value dim.
+"""
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+L2NORM_EPS = 1e-6
+
+
+def compute_dtype(*arrays: jax.Array) -> jnp.dtype:
+    """fp32, or float64 when an input already is: bf16/fp16 inputs are upcast, never downcast.
+
+    Float64 exists for tests (under `jax.enable_x64`), where it checks the algebra exactly.
+    """
+    return jnp.result_type(jnp.float32, *(x.dtype for x in arrays))
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """Normalises the last axis to unit l2 norm in at least fp32, as FLA's `l2norm` does."""
+    x = x.astype(compute_dtype(x))
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2NORM_EPS)
+
+
+def prepare_qk(
+    q: jax.Array, k: jax.Array, scale: float | None, use_qk_l2norm: bool
+) -> tuple[jax.Array, jax.Array]:
+    """Upcasts q, k, optionally l2-normalises them and scales q (default dk**-0.5)."""
+    dtype = compute_dtype(q, k)
+    if use_qk_l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return q.astype(dtype) * scale, k.astype(dtype)
+
+
+def delta_rule_step(
+    state: jax.Array,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """One recurrent step on grouped heads; inputs upcast, q already normalised and scaled.
+
+    Args:
+      state: [B, K, G, E, H] state before the token.
+      q: [B, K, E] query (shared by the G value heads of each key head).
+      k: [B, K, E] key.
+      v: [B, K, G, H] value.
+      g: [B, K, G] log-decay.
+      beta: [B, K, G] write strength.
+
+    Returns:
+      (o [B, K, G, H], new state [B, K, G, E, H]).
+    """
+    state = jnp.exp(g)[..., None, None] * state
+    u = jnp.einsum("bkgeh,bke->bkgh", state, k, precision=_HIGHEST)
+    delta = beta[..., None] * (v - u)  # [B, K, G, H]
+    state = state + k[:, :, None, :, None] * delta[:, :, :, None, :]
+    o = jnp.einsum("bkgeh,bke->bkgh", state, q, precision=_HIGHEST)
+    return o, state
+
+
+def gated_delta_rule_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    use_qk_l2norm: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Gated delta rule, one `lax.scan` step per token.
+
+    Args:
+      q: [B, T, Hk, dk] queries.
+      k: [B, T, Hk, dk] keys.
+      v: [B, T, Hv, dv] values, Hv a multiple of Hk.
+      g: [B, T, Hv] log-decays (<= 0).
+      beta: [B, T, Hv] write strengths in (0, 1).
+      scale: query scale; defaults to dk**-0.5.
+      initial_state: [B, Hv, dk, dv] state before token 0 (zeros if None); it applies to the
+        row's first segment only.
+      segment_ids: [B, T] ints; the state is reset wherever the id changes between neighbours.
+      use_qk_l2norm: l2-normalise q and k over dk before use.
+
+    Returns:
+      (out [B, T, Hv, dv] in v.dtype, final state [B, Hv, dk, dv] fp32, or
+        float64 for float64 inputs).
+    """
+    b, t, hk, dk = q.shape
+    hv, dv = v.shape[2:]
+    grp = hv // hk
+    dtype = compute_dtype(q, k, v)
+    q, k = prepare_qk(q, k, scale, use_qk_l2norm)  # [B, T, K, E]
+    v32 = v.astype(dtype).reshape(b, t, hk, grp, dv)  # [B, T, K, G, H]
+    g32 = g.astype(dtype).reshape(b, t, hk, grp)  # [B, T, K, G]
+    beta32 = beta.astype(dtype).reshape(b, t, hk, grp)
+    if initial_state is None:
+        state = jnp.zeros((b, hk, grp, dk, dv), dtype)
+    else:
+        state = initial_state.astype(dtype).reshape(b, hk, grp, dk, dv)
+    if segment_ids is None:
+        reset = jnp.zeros((b, t), bool)
+    else:
+        # Token 0 never resets: the initial state belongs to the row's first segment.
+        reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+
+    def step(state, xs):
+        q_t, k_t, v_t, g_t, beta_t, reset_t = xs
+        state = jnp.where(reset_t[:, None, None, None, None], 0.0, state)
+        o_t, state = delta_rule_step(state, q_t, k_t, v_t, g_t, beta_t)
+        return state, o_t
+
+    xs = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), (q, k, v32, g32, beta32, reset))
+    state, out = jax.lax.scan(step, state, xs)  # out: [T, B, K, G, H]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, t, hv, dv).astype(v.dtype)
+    return out, state.reshape(b, hv, dk, dv)

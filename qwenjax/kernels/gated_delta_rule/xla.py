@@ -1,0 +1,192 @@
+"""Chunked (UT / WY) gated delta rule in pure jnp: training and prefill on any backend.
+
+Same recurrence as `reference.py`, computed C tokens at a time. T is padded at the end to a
+multiple of C with q = k = v = 0, g = 0, beta = 0 (a no-op write; pad outputs are dropped). Inside
+a chunk with rows r, s = 0..C-1, gamma is the inclusive cumsum of g and Gam_rs = exp(gam_r - gam_s):
+
+    A   = beta_r (k_r . k_s) Gam_rs  for s < r in r's run, else 0    strictly lower triangular
+    Tm  = (I + A)^-1                                     unit lower triangular, block doubling
+    U   = Tm diag(beta) V            W = Tm diag(beta * exp(gam) * m) K
+    Vn  = U - W S                                                     per-token deltas, [C, dv]
+    O   = diag(exp(gam) * m) Q S + ((Q K^T) * Gam * L_incl * same_run) Vn
+    S'  = exp(gam_last) [run_last == run_prev] S + (K * exp(gam_last - gam) * l)^T Vn
+
+Packed documents are handled with masks, never with a huge negative g (that would swamp the
+fp32 cumsum): `run` numbers the maximal runs of equal segment ids, A and the intra-chunk QK term
+keep only pairs in the same run, m_r = [run_r == run_prev] marks the rows that still see the
+incoming state (run_prev: run of the token before the chunk, or of token 0 for the first chunk),
+and the state update keeps only the run that reaches the chunk's last token (l_s = [run_s ==
+run_last]).
+
+The intra-chunk quantities (A, Tm, U, W, the QK term) are computed for all chunks at once; only
+the state pass is a `lax.scan` over chunks. Grouped value heads share their key head through a
+[K, G] split of the head axis, so q and k are never repeated. All math is at least fp32 with
+HIGHEST precision, which keeps TPU matmuls from falling back to single bf16 passes.
+
+Einsum letters: B batch, M chunks, C / S chunk positions, K key heads, G value heads per key
+head, E key dim, H value dim.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwenjax.kernels.gated_delta_rule.reference import compute_dtype, prepare_qk
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, *operands, precision=_HIGHEST)
+
+
+def _masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """exp(x) where mask else 0, without evaluating exp of masked (possibly huge) entries.
+
+    The inner `where` keeps both the forward value and the gradient finite: exp(gam_r - gam_s)
+    above the diagonal overflows fp32 for strong decays.
+    """
+    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
+
+def _invert_unit_lower(a: jax.Array) -> jax.Array:
+    """(I + a)^-1 for strictly lower-triangular a [..., C, C], by block doubling.
+
+    With X_b the inverse of the block-diagonal part of I + a (aligned blocks of size b) and E_b
+    the entries of a that join the two halves of each aligned block of size 2b,
+    X_2b = (I + X_b E_b)^-1 X_b = X_b - X_b E_b X_b, because (X_b E_b)^2 = 0. Starting from
+    X_1 = I, log2(C) levels of two masked matmuls give the full inverse, exactly as a blocked
+    forward substitution would. This replaces `lax.linalg.triangular_solve`, whose batched CPU
+    (LAPACK) kernel in jaxlib 0.10 can deadlock when two solves run concurrently (the backward
+    pass has several), and keeps the work on matmul units on TPU and GPU.
+    """
+    c = a.shape[-1]
+    rows, cols = np.arange(c)[:, None], np.arange(c)[None, :]
+    x = jnp.broadcast_to(jnp.eye(c, dtype=a.dtype), a.shape)
+    b = 1
+    while b < c:
+        joins = (rows // (2 * b) == cols // (2 * b)) & (rows // b % 2 == 1) & (cols // b % 2 == 0)
+        x = x - _einsum("...ij,...jk,...kl->...il", x, jnp.where(joins, a, 0.0), x)
+        b *= 2
+    return x
+
+
+def _run_ids(segment_ids: jax.Array | None, batch: int, seq_len: int) -> jax.Array:
+    """[B, T] index of the maximal run of equal segment ids each token belongs to.
+
+    Comparing runs instead of raw ids makes a reused id (e.g. 0, 1, 0) still count as a reset.
+    """
+    if segment_ids is None:
+        return jnp.zeros((batch, seq_len), jnp.int32)
+    change = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
+    return jnp.pad(jnp.cumsum(change, axis=1), ((0, 0), (1, 0)))
+
+
+def _pad_and_chunk(x: jax.Array, pad: int, chunk_size: int, mode: str = "constant") -> jax.Array:
+    """[B, T, ...] -> [B, M, C, ...], padding T at the end."""
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode=mode)
+    return x.reshape(x.shape[0], -1, chunk_size, *x.shape[2:])
+
+
+def gated_delta_rule_chunked(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    use_qk_l2norm: bool = True,
+    chunk_size: int = 64,
+) -> tuple[jax.Array, jax.Array]:
+    """Gated delta rule in the chunked UT / WY form.
+
+    Args:
+      q: [B, T, Hk, dk] queries.
+      k: [B, T, Hk, dk] keys.
+      v: [B, T, Hv, dv] values, Hv a multiple of Hk.
+      g: [B, T, Hv] log-decays (<= 0).
+      beta: [B, T, Hv] write strengths in (0, 1).
+      scale: query scale; defaults to dk**-0.5.
+      initial_state: [B, Hv, dk, dv] state before token 0 (zeros if None); it applies to the
+        row's first segment only.
+      segment_ids: [B, T] ints; the state is reset wherever the id changes between neighbours.
+      use_qk_l2norm: l2-normalise q and k over dk before use.
+      chunk_size: tokens per chunk.
+
+    Returns:
+      (out [B, T, Hv, dv] in v.dtype, final state [B, Hv, dk, dv] fp32, or
+        float64 for float64 inputs).
+    """
+    b, t, hk, dk = q.shape
+    hv, dv = v.shape[2:]
+    grp, c = hv // hk, chunk_size
+    out_dtype, dtype = v.dtype, compute_dtype(q, k, v)
+    pad = -t % c
+    q, k = prepare_qk(q, k, scale, use_qk_l2norm)
+    q = _pad_and_chunk(q, pad, c)  # [B, M, C, K, E]
+    k = _pad_and_chunk(k, pad, c)  # [B, M, C, K, E]
+
+    def per_value_head(x: jax.Array) -> jax.Array:
+        # [B, T, Hv, ...] -> [B, M, K, G, C, ...]: the layout every per-v-head term uses.
+        x = _pad_and_chunk(x.astype(dtype).reshape(b, t, hk, grp, *x.shape[3:]), pad, c)
+        return jnp.moveaxis(x, 2, 4)
+
+    v = per_value_head(v)  # [B, M, K, G, C, H]
+    beta = per_value_head(beta)  # [B, M, K, G, C]
+    gam = jnp.cumsum(per_value_head(g), axis=-1)  # [B, M, K, G, C]
+    gam_last = gam[..., -1]  # [B, M, K, G]
+
+    # Pads take the run of the last real token, so they never split a run.
+    runs = _pad_and_chunk(_run_ids(segment_ids, b, t), pad, c, mode="edge")  # [B, M, C]
+    run_prev = jnp.concatenate([runs[:, :1, 0], runs[:, :-1, -1]], axis=1)  # [B, M]
+    sees_state = runs == run_prev[..., None]  # [B, M, C]  m_r
+    in_last_run = runs == runs[..., -1:]  # [B, M, C]
+    carries_state = run_prev == runs[..., -1]  # [B, M]
+    same_run = (runs[..., :, None] == runs[..., None, :])[:, :, None, None]  # [B, M, 1, 1, C, S]
+
+    diff = gam[..., :, None] - gam[..., None, :]  # [B, M, K, G, C, S]
+    decay_strict = _masked_exp(diff, jnp.tri(c, k=-1, dtype=bool) & same_run)
+    decay_incl = _masked_exp(diff, jnp.tri(c, dtype=bool) & same_run)
+    kk = _einsum("bmcke,bmske->bmkcs", k, k)[:, :, :, None]  # [B, M, K, 1, C, S]
+    qk = _einsum("bmcke,bmske->bmkcs", q, k)[:, :, :, None]  # [B, M, K, 1, C, S]
+    a = beta[..., None] * kk * decay_strict  # [B, M, K, G, C, S]
+    attn = qk * decay_incl  # [B, M, K, G, C, S]
+
+    # One multiplication by Tm gives U and W together: [beta V | beta exp(gam) m K].
+    w_scale = beta * jnp.exp(gam) * sees_state[:, :, None, None]  # [B, M, K, G, C]
+    k_heads = jnp.moveaxis(k, 3, 2)[:, :, :, None]  # [B, M, K, 1, C, E]
+    rhs = jnp.concatenate(
+        [beta[..., None] * v, w_scale[..., None] * k_heads], axis=-1
+    )  # [B, M, K, G, C, H + E]
+    uw = _einsum("bmkgcs,bmkgsn->bmkgcn", _invert_unit_lower(a), rhs)
+    u, w = uw[..., :dv], uw[..., dv:]  # [B, M, K, G, C, H], [B, M, K, G, C, E]
+
+    read_scale = jnp.exp(gam) * sees_state[:, :, None, None]  # [B, M, K, G, C]
+    write_scale = _masked_exp(
+        gam_last[..., None] - gam, in_last_run[:, :, None, None]
+    )  # [B, M, K, G, C]
+    state_decay = jnp.exp(gam_last) * carries_state[:, :, None, None]  # [B, M, K, G]
+
+    def chunk_step(state, xs):
+        # state: [B, K, G, E, H], the recurrent state after the previous chunk.
+        q_c, k_c, u_c, w_c, attn_c, read_c, write_c, decay_c = xs
+        v_new = u_c - _einsum("bkgce,bkgeh->bkgch", w_c, state)  # [B, K, G, C, H]
+        o_c = read_c[..., None] * _einsum("bcke,bkgeh->bkgch", q_c, state)
+        o_c = o_c + _einsum("bkgcs,bkgsh->bkgch", attn_c, v_new)
+        state = decay_c[..., None, None] * state + _einsum(
+            "bcke,bkgch->bkgeh", k_c, write_c[..., None] * v_new
+        )
+        return state, o_c
+
+    if initial_state is None:
+        state = jnp.zeros((b, hk, grp, dk, dv), dtype)
+    else:
+        state = initial_state.astype(dtype).reshape(b, hk, grp, dk, dv)
+    xs = (q, k, u, w, attn, read_scale, write_scale, state_decay)
+    xs = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), xs)  # chunks lead for the scan
+    state, out = jax.lax.scan(chunk_step, state, xs)  # out: [M, B, K, G, C, H]
+    out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, -1, hv, dv)[:, :t]
+    return out.astype(out_dtype), state.reshape(b, hv, dk, dv)

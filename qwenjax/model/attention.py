@@ -1,0 +1,59 @@
+"""Gated attention (the full-attention layers).
+
+    [q ; gate] = x @ Wq               per head: first H values are the query, next H the gate
+    q, k = q_norm(q), k_norm(x @ Wk)  zero-centred RMSNorm over H, shared by all heads
+    q, k = rope(q), rope(k)           first rotary_dim dims only
+    o = softmax(q kᵀ / √H + mask) v   GQA: query head n reads kv head n // (N / K)
+    out = (o ⊙ sigmoid(gate)) @ Wo
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwenjax import sharding as ax
+from qwenjax.config import ModelConfig
+from qwenjax.kernels.attention import attention
+from qwenjax.model.context import Context
+from qwenjax.model.norms import RMSNorm
+from qwenjax.model.params import normal_002, param
+from qwenjax.model.rope import apply_rope
+
+
+class GatedAttention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, n, k, h = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.dtype = dtype
+        self.q_proj = param(rngs, normal_002, (d, n, 2 * h), (ax.EMBED, ax.Q_HEADS, ax.HEAD_DIM), param_dtype)  # fmt: skip
+        self.k_proj = param(rngs, normal_002, (d, k, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), param_dtype)  # fmt: skip
+        self.v_proj = param(rngs, normal_002, (d, k, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), param_dtype)  # fmt: skip
+        self.o_proj = param(rngs, normal_002, (n, h, d), (ax.Q_HEADS, ax.HEAD_DIM, ax.EMBED), param_dtype)  # fmt: skip
+        self.q_norm = RMSNorm(h, config.rms_norm_eps, axis_name=ax.HEAD_DIM, dtype=param_dtype, rngs=rngs)  # fmt: skip
+        self.k_norm = RMSNorm(h, config.rms_norm_eps, axis_name=ax.HEAD_DIM, dtype=param_dtype, rngs=rngs)  # fmt: skip
+
+    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
+        cast = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        qg = jnp.einsum("btd,dnh->btnh", x, cast(self.q_proj))  # [B, T, N, 2H]
+        q, gate = jnp.split(qg, 2, axis=-1)  # [B, T, N, H] each
+        k = jnp.einsum("btd,dkh->btkh", x, cast(self.k_proj))  # [B, T, K, H]
+        v = jnp.einsum("btd,dkh->btkh", x, cast(self.v_proj))
+        q = apply_rope(self.q_norm(q), ctx.cos, ctx.sin)
+        k = apply_rope(self.k_norm(k), ctx.cos, ctx.sin)
+        o = attention(
+            q,
+            k,
+            v,
+            q_positions=ctx.token_index,
+            kv_positions=ctx.token_index,
+            q_segment_ids=ctx.segment_ids,
+            kv_segment_ids=ctx.segment_ids,
+        )  # [B, T, N, H]
+        o = o * jax.nn.sigmoid(gate)
+        return jnp.einsum("btnh,nhd->btd", o, cast(self.o_proj))

@@ -1,0 +1,50 @@
+"""Decoder layer (pre-norm mixer + pre-norm SwiGLU) and the hybrid super-block that is scanned.
+
+    x = x + mixer(input_layernorm(x))          mixer: Gated DeltaNet or gated attention
+    x = x + mlp(post_attention_layernorm(x))
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from qwenjax import sharding as ax
+from qwenjax.config import FULL_ATTENTION, ModelConfig
+from qwenjax.model.attention import GatedAttention
+from qwenjax.model.context import Context
+from qwenjax.model.deltanet import GatedDeltaNet
+from qwenjax.model.mlp import MLP
+from qwenjax.model.norms import RMSNorm
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, layer_type: str, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(d, eps, axis_name=ax.EMBED, dtype=param_dtype, rngs=rngs)
+        mixer = GatedAttention if layer_type == FULL_ATTENTION else GatedDeltaNet
+        self.mixer = mixer(config, **kw)
+        self.post_attention_layernorm = RMSNorm(d, eps, axis_name=ax.EMBED, dtype=param_dtype, rngs=rngs)  # fmt: skip
+        self.mlp = MLP(config, **kw)
+
+    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
+        x = x + self.mixer(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class HybridBlock(nnx.Module):
+    """One period of `layer_types` (3 × GDN then 1 × attention for Qwen3.5/3.6): the scan unit."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.layers = nnx.List(
+            [
+                DecoderLayer(config, t, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for t in config.block_pattern
+            ]
+        )
+
+    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return x

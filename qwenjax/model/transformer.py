@@ -1,0 +1,151 @@
+"""The Qwen3.5 / Qwen3.6 hybrid text model.
+
+    h = E[input_ids]
+    h = scan(HybridBlock, h) over num_blocks stacked super-blocks   (16 × [3 GDN + 1 attention])
+    h = norm(h)                      → `hidden()` returns this
+    logits = h @ W_lm                → `logits()`; `__call__` = both
+    mtp(h, E[x_{i+1}]) → norm        → `mtp_hidden()`, read out through the same LM head
+
+The stacked blocks are applied with `lax.scan`, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwenjax import sharding as ax
+from qwenjax.config import ModelConfig
+from qwenjax.model.block import HybridBlock
+from qwenjax.model.context import Context
+from qwenjax.model.mtp import MTPHead
+from qwenjax.model.norms import RMSNorm
+from qwenjax.model.params import normal_002, param
+from qwenjax.model.rope import rope_tables
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """`[B, T]` positions that restart at 0 at every document boundary."""
+    t = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+    )
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+class Qwen35(nnx.Module):
+    """Text model. `model(input_ids)` → logits `[B, T, vocab]`."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype | None = None,
+        rngs: nnx.Rngs,
+    ):
+        param_dtype = dtype if param_dtype is None else param_dtype
+        d, v = config.hidden_size, config.vocab_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = param(rngs, normal_002, (v, d), (ax.VOCAB, ax.EMBED), param_dtype)
+
+        @nnx.split_rngs(splits=config.num_blocks)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: ax.LAYERS})
+        def make_blocks(rngs: nnx.Rngs) -> HybridBlock:
+            return HybridBlock(config, rngs=rngs, **kw)
+
+        self.blocks = make_blocks(rngs)
+        self.norm = RMSNorm(d, config.rms_norm_eps, axis_name=ax.EMBED, dtype=param_dtype, rngs=rngs)  # fmt: skip
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else param(rngs, normal_002, (d, v), (ax.EMBED, ax.VOCAB), param_dtype)
+        )
+        self.mtp = MTPHead(config, rngs=rngs, **kw) if config.mtp_num_hidden_layers else None
+
+    # ------------------------------------------------------------------ pieces
+    def context(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> Context:
+        """Rotary tables, token index and document ids for `input_ids [B, T]`.
+
+        Without `positions`, each document's positions start at 0 (so a packed row equals its
+        documents run alone). `positions` may be `[B, T]` or `[3, B, T]` (mRoPE T/H/W).
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+        if segment_ids is None:
+            segment_ids = jnp.zeros(input_ids.shape, jnp.int32)
+        elif segment_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"segment_ids shape {segment_ids.shape} != input_ids shape {input_ids.shape}"
+            )
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+        elif positions.shape[-2:] != input_ids.shape:
+            raise ValueError(
+                f"positions shape {positions.shape} does not end with input_ids shape "
+                f"{input_ids.shape}"
+            )
+        cos, sin = rope_tables(self.config, positions, self.dtype)
+        token_index = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        return Context(cos=cos, sin=sin, token_index=token_index, segment_ids=segment_ids)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+
+    def hidden(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-normed hidden states `[B, T, D]`."""
+        ctx = self.context(input_ids, positions, segment_ids)
+        return self.norm(self.run_blocks(self.embed(input_ids), ctx))
+
+    def run_blocks(self, x: jax.Array, ctx: Context) -> jax.Array:
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(x, block_state):
+            return nnx.merge(graphdef, block_state)(x, ctx), None
+
+        x, _ = jax.lax.scan(body, x, state)
+        return x
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """`[B, T, V]` in the model dtype (losses upcast)."""
+        if self.lm_head is None:
+            return jnp.einsum("btd,vd->btv", hidden, self.embed_tokens[...].astype(self.dtype))
+        return jnp.einsum("btd,dv->btv", hidden, self.lm_head[...].astype(self.dtype))
+
+    def mtp_hidden(
+        self,
+        hidden: jax.Array,
+        next_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """MTP hidden states `[B, T, D]`: index i combines `hidden[i]` with token `next_ids[i]`.
+
+        The caller shifts: `next_ids[i] = input_ids[i + 1]`. Positions are those of `hidden`.
+        """
+        if self.mtp is None:
+            raise ValueError("this model has no MTP head (mtp_num_hidden_layers = 0)")
+        ctx = self.context(next_ids, positions, segment_ids)
+        return self.mtp(hidden, self.embed(next_ids), ctx)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        return self.logits(self.hidden(input_ids, positions, segment_ids))

@@ -1,0 +1,112 @@
+"""HF → qwenjax → HF round trips, `load` from both formats, and parity with transformers."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from qwenjax.checkpoint import hf_to_qwenjax, load, qwenjax_to_hf
+from qwenjax.checkpoint.convert import convert
+from tests.checkpoint.conftest import DTYPES, LAYOUTS, SIDE_FILES, read_all
+
+
+def params(model) -> dict:
+    return {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def assert_same_params(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for path in a:
+        x, y = np.asarray(a[path]), np.asarray(b[path])
+        assert x.dtype == y.dtype and x.shape == y.shape, path
+        assert x.tobytes() == y.tobytes(), path
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_round_trip_is_bit_exact(hf_checkpoint, tmp_path, layout, dtype):
+    _, src = hf_checkpoint(layout, dtype)
+    ours = convert(src, tmp_path / "ours", progress=False)
+    back = convert(ours, tmp_path / "back", max_shard_size="40KB", progress=False)
+
+    original, exported = read_all(src), read_all(back)
+    text_keys = {k for k in original if not k.startswith("model.visual.")}
+    assert (layout == "vlm") == (len(text_keys) < len(original))
+    assert any(k.startswith("mtp.") for k in text_keys)
+    assert exported.keys() == text_keys  # visual tensors are skipped on import
+    for key in text_keys:
+        assert exported[key] == original[key], key  # dtype, shape and bytes
+    for name in ["config.json", "generation_config.json", *SIDE_FILES]:
+        assert (back / name).read_bytes() == (src / name).read_bytes(), name
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(len(v[2]) for v in exported.values())
+
+
+def test_export_loads_in_transformers(hf_checkpoint, converted, tmp_path):
+    model, _ = hf_checkpoint("text", "float32")
+    back = qwenjax_to_hf(converted("text", "float32"), tmp_path / "back", progress=False)
+    reloaded = transformers.Qwen3_5ForCausalLM.from_pretrained(back)
+    expected, got = model.state_dict(), reloaded.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_load_hf_equals_load_converted(hf_checkpoint, converted, layout, dtype):
+    from_hf = params(load(hf_checkpoint(layout, dtype)[1]))
+    assert_same_params(from_hf, params(load(converted(layout, dtype))))
+    # dtype=None keeps the checkpoint's dtypes (the test checkpoints keep MTP in float32).
+    assert from_hf[("embed_tokens",)].dtype == jnp.dtype(dtype)
+    assert from_hf[("mtp", "fc")].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_logits_match_transformers(hf_checkpoint, layout):
+    model, path = hf_checkpoint(layout, "float32")
+    ids = np.random.default_rng(0).integers(0, model.config.get_text_config().vocab_size, (2, 13))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids)).logits.numpy()
+    got = np.asarray(load(path)(jnp.asarray(ids)))
+    # Relative to the logit scale: elementwise relative error is meaningless near zero.
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def test_dtype_casts_every_parameter(hf_checkpoint, tmp_path):
+    _, src = hf_checkpoint("text", "float32")
+    ours = hf_to_qwenjax(src, tmp_path / "ours", dtype="bfloat16", progress=False)
+    assert json.loads((ours / "qwenjax.json").read_text())["dtype"] == "bfloat16"
+    back = qwenjax_to_hf(ours, tmp_path / "back", progress=False)
+    original, exported = read_all(src), read_all(back)
+    for key, (_, shape, raw) in original.items():
+        rounded = np.frombuffer(raw, np.float32).astype(ml_dtypes.bfloat16)  # round to nearest
+        assert exported[key] == ("bfloat16", shape, rounded.tobytes()), key
+    loaded = params(load(src, dtype=jnp.bfloat16))
+    assert_same_params(loaded, params(load(ours)))
+    assert load(ours).dtype == jnp.bfloat16  # compute dtype follows the parameters
+
+
+def test_progress_reports_every_tensor(hf_checkpoint, tmp_path, capsys):
+    _, src = hf_checkpoint("text", "float32")
+    capsys.readouterr()
+    hf_to_qwenjax(src, tmp_path / "ours", progress=True)
+    lines = capsys.readouterr().err.strip().splitlines()
+    n = sum(1 for k in read_all(src))
+    assert len(lines) == n + 1
+    assert lines[0].startswith(f"import [  1/{n}]") and "MB" in lines[0]
+    assert lines[-1].startswith(f"import: {n} tensors")
+
+
+def test_load_places_parameters_on_one_device(converted):
+    model = load(converted("text", "float32"))
+    devices = {d for v in params(model).values() for d in v.devices()}
+    assert devices == {jax.local_devices()[0]}

@@ -1,0 +1,58 @@
+"""One conversion or load in a fresh process, for peak-memory and crash tests.
+
+    python -m tests.checkpoint.worker {import,export,load} SRC [DST] [--kill-after N]
+
+Prints `{"baseline": RSS after imports, "peak": max RSS}` (bytes) as its last line. With
+`--kill-after N` the process SIGKILLs itself after N tensors, like a crash or an OOM kill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+
+import psutil
+
+from qwenjax.checkpoint import orbax_io
+from qwenjax.checkpoint.convert import hf_to_qwenjax, load, qwenjax_to_hf
+from qwenjax.checkpoint.progress import Progress
+
+
+def _kill_after(n: int) -> None:
+    update = Progress.update
+
+    def counting_update(self: Progress, name: str, nbytes: int) -> None:
+        update(self, name, nbytes)
+        if self.tensors >= n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    Progress.update = counting_update
+    orbax_io.BATCH_BYTES = 1  # one orbax write per parameter, so the kill lands mid-checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("op", choices=["import", "export", "load"])
+    parser.add_argument("src")
+    parser.add_argument("dst", nargs="?")
+    parser.add_argument("--kill-after", type=int)
+    parser.add_argument("--max-shard-size", default="50MB")
+    args = parser.parse_args()
+    if args.kill_after is not None:
+        _kill_after(args.kill_after)
+    baseline = psutil.Process().memory_info().rss
+    if args.op == "import":
+        hf_to_qwenjax(args.src, args.dst, progress=False)
+    elif args.op == "export":
+        qwenjax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, progress=False)
+    else:
+        load(args.src)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(json.dumps({"baseline": baseline, "peak": peak}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny random transformers checkpoints, saved once per session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def rel_err(actual, expected) -> float:
+    """max |a − e| / max |e|: the relative error every parity test states its tolerance in."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """`hf_checkpoint(layout)` → (transformers model, directory with config + shards + mtp.*)."""
+    from tests.hf_models import make_hf_model, save_hf_checkpoint
+
+    cache = {}
+
+    def get(layout: str = "text", seed: int = 0):
+        if (layout, seed) not in cache:
+            model = make_hf_model(layout, seed)
+            path = tmp_path_factory.mktemp(f"hf_{layout}_{seed}")
+            save_hf_checkpoint(model, path, seed=seed)
+            cache[layout, seed] = (model, path)
+        return cache[layout, seed]
+
+    return get
