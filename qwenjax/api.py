@@ -26,7 +26,7 @@ def build(
       abstract: return a model whose parameters are `jax.ShapeDtypeStruct`s.
       seed: PRNG seed for the initialisation.
     """
-    make = lambda: Qwen35(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))  # noqa: E731
+    make = lambda: Qwen35(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
     return nnx.eval_shape(make) if abstract else make()
 
 

@@ -79,11 +79,20 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise `ConfigError` naming the first inconsistent field."""
-        positive = (
-            "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
-            "num_key_value_heads head_dim linear_num_key_heads linear_num_value_heads "
-            "linear_key_head_dim linear_value_head_dim linear_conv_kernel_dim"
-        ).split()
+        positive = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "linear_num_key_heads",
+            "linear_num_value_heads",
+            "linear_key_head_dim",
+            "linear_value_head_dim",
+            "linear_conv_kernel_dim",
+        ]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -281,11 +290,18 @@ _HF_TEXT_KEYS = (_FIELDS - {"yarn", "rope_theta", "mrope_section", "mrope_interl
     "rope_scaling",
     "full_attention_interval",
 }
-_HF_REQUIRED_KEYS = (
-    "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
-    "num_key_value_heads linear_num_key_heads linear_num_value_heads linear_key_head_dim "
-    "linear_value_head_dim"
-).split()
+_HF_REQUIRED_KEYS = [
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+]
 # Keys HF writes into every config.json, plus Qwen3.5 keys that change nothing in this port
 # (attn_output_gate is always on for Qwen3.5; the state dtype is fp32 by policy).
 _HF_IGNORED_KEYS = {
@@ -402,7 +418,7 @@ def with_yarn(config: ModelConfig, factor: float = 4.0) -> ModelConfig:
     """The model cards' static-YaRN recipe for ~1M context (factor 4 over 262,144 tokens)."""
     return config.replace(
         yarn=YarnScaling(factor=factor, original_max_position_embeddings=262_144),
-        max_position_embeddings=int(math.ceil(262_144 * factor)),
+        max_position_embeddings=math.ceil(262_144 * factor),
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from qwenjax.api import build, param_count
 from qwenjax.checkpoint.convert import hf_to_qwenjax, load, qwenjax_to_hf, save_hf
@@ -44,8 +45,8 @@ def run_demo(run_dir: str | Path, *, seed: int = 0) -> dict:
 
     model = build(config, seed=seed)
     n = param_count(model)
-    _step(f"built tiny model: {config.num_hidden_layers} layers as {config.num_blocks} scanned "
-          f"blocks of {list(config.block_pattern)}, {n:,} parameters (MTP included)", start)  # fmt: skip
+    layers = f"{config.num_hidden_layers} layers as {config.num_blocks} scanned blocks"
+    _step(f"built tiny model: {layers} of {list(config.block_pattern)}, {n:,} parameters", start)
 
     hf_dir = save_hf(model, run_dir / "hf", max_shard_size="200KB")
     _step(f"saved Hugging Face checkpoint: {hf_dir}", start)
@@ -54,10 +55,11 @@ def run_demo(run_dir: str | Path, *, seed: int = 0) -> dict:
     _step(f"converted to qwenjax (orbax): {ours_dir}", start)
 
     ids = jax.random.randint(jax.random.key(seed), (2, 77), 0, config.vocab_size)
-    expected = np.asarray(model(ids))
+    forward = nnx.jit(lambda m, x: m(x))
+    expected = np.asarray(forward(model, ids))
     diffs = {}
     for name, path in (("HF", hf_dir), ("qwenjax", ours_dir)):
-        logits = np.asarray(load(path, dtype=jnp.float32)(ids))
+        logits = np.asarray(forward(load(path, dtype=jnp.float32), ids))
         diffs[name] = float(np.abs(logits - expected).max())
         _step(f"loaded the {name} checkpoint, forward {tuple(ids.shape)} → logits "
               f"{logits.shape}, max |Δ| vs the built model {diffs[name]:.1e}", start)  # fmt: skip

@@ -53,7 +53,10 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             if name.endswith("A_log"):
                 p.copy_(torch.log(torch.rand(p.shape, generator=g) * 15.99 + 0.01))
             elif p.ndim == 1:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g) + (1.0 if "norm" in name and "linear_attn" in name else 0.0))
+                p.copy_(
+                    0.3 * torch.randn(p.shape, generator=g)
+                    + (1.0 if "norm" in name and "linear_attn" in name else 0.0)
+                )
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     return model
@@ -101,7 +104,7 @@ def mtp_state_dict(config, seed: int) -> dict[str, torch.Tensor]:
         "mtp.layers.0.mlp.up_proj.weight": (f, d),
         "mtp.layers.0.mlp.down_proj.weight": (d, f),
     }
-    scale = lambda s: 0.3 if len(s) == 1 else 0.05  # noqa: E731
+    scale = lambda s: 0.3 if len(s) == 1 else 0.05
     return {k: scale(s) * torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
@@ -116,7 +119,8 @@ def save_hf_checkpoint(model, path, *, with_mtp: bool = True, seed: int = 0, max
     if not with_mtp:
         return
     text_cfg = model.config.get_text_config()
-    mtp = mtp_state_dict(text_cfg, seed)
+    dtype = next(model.parameters()).dtype
+    mtp = {k: v.to(dtype) for k, v in mtp_state_dict(text_cfg, seed).items()}
     save_file({k: v.contiguous() for k, v in mtp.items()}, os.path.join(path, "mtp.safetensors"))
     index_path = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index_path):

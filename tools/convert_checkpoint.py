@@ -1,7 +1,7 @@
 """HF safetensors ⇄ qwenjax checkpoint conversion; the same as `qwenjax convert`.
 
-    python tools/convert_checkpoint.py SRC DST [--dtype bfloat16|float32] [--max-shard-size 5GB]
-                                               [--overwrite]
+python tools/convert_checkpoint.py SRC DST [--dtype bfloat16|float32] [--max-shard-size 5GB]
+                                           [--overwrite]
 """
 
 import sys

@@ -11,8 +11,10 @@ writer, so peak host memory is a small multiple of the largest parameter, never 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import jax
@@ -73,7 +75,21 @@ def _check_distinct(src: Path, dst: Path) -> None:
         raise ValueError(f"source {src} and destination {dst} must not contain each other")
 
 
-def _copy_side_files(src: Path, dst: Path, skip) -> None:
+def _kind(path: Path) -> str:
+    """Which checkpoint `path` holds, "qwenjax" or "hf"; anything else is an error."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if orbax_io.is_qwenjax_checkpoint(path):
+        return "qwenjax"
+    if (path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file():
+        return "hf"
+    raise CheckpointError(
+        f"{path} is not a checkpoint: it has neither {orbax_io.MANIFEST} (a qwenjax checkpoint) "
+        f"nor {SINGLE_FILE} / {INDEX_FILE} (a HF checkpoint); is it an interrupted conversion?"
+    )
+
+
+def _copy_side_files(src: Path, dst: Path, skip: Callable[[str], bool]) -> None:
     """Copy the top-level non-weight files (config, tokenizer, templates, …) verbatim."""
     for f in sorted(src.iterdir()):
         if f.is_file() and not skip(f.name):
@@ -170,7 +186,7 @@ def hf_to_qwenjax(
 
 # ---------------------------------------------------------------------- qwenjax side
 def _open_qwenjax(src: Path) -> tuple[ModelConfig, list[Entry], dict]:
-    """Manifest, table and stored leaf shapes/dtypes of one of our checkpoints, cross-checked."""
+    """Config, table and stored leaf shapes/dtypes of one of our checkpoints, cross-checked."""
     manifest = orbax_io.read_manifest(src)
     prefix = manifest.get("hf_prefix")
     if prefix not in LAYOUTS:
@@ -215,28 +231,65 @@ def qwenjax_to_hf(
     """
     src, dst = Path(src), Path(dst)
     _check_distinct(src, dst)
-    target = _float_dtype(dtype)
     _, entries, stored = _open_qwenjax(src)
+    dtypes = {e.path: stored[tuple(map(str, e.path))][1] for e in entries}
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        _copy_side_files(src, tmp, skip=lambda name: name == orbax_io.MANIFEST)
+        leaves = orbax_io.iter_leaves(src, [e.path for e in entries])
+        _write_hf(tmp, entries, dtypes, leaves, _float_dtype(dtype), max_shard_size, progress)
+    return dst
+
+
+def _write_hf(
+    directory: Path,
+    entries: list[Entry],
+    dtypes: dict[tuple, np.dtype],
+    leaves: Iterable[tuple[tuple, np.ndarray]],
+    target: np.dtype | None,
+    max_shard_size: int | str,
+    progress: bool,
+) -> None:
+    """Stream `(path, our array)` pairs into HF shards (headers planned from the table)."""
     specs = [
-        TensorSpec(k, target or stored[tuple(map(str, e.path))][1], e.hf_shape)
-        for e in entries
-        for k in e.hf_keys
+        TensorSpec(k, target or dtypes[e.path], e.hf_shape) for e in entries for k in e.hf_keys
     ]
     by_path = {e.path: e for e in entries}
     bar = Progress("export", len(specs), sum(s.nbytes for s in specs), enabled=progress)
+    writer = ShardedWriter(directory, specs, max_shard_size)
+    for path, leaf in leaves:
+        e = by_path[path]
+        for b, key in enumerate(e.hf_keys):
+            w = e.to_hf(leaf[b] if e.stacked else leaf)
+            w = w if target is None else w.astype(target)
+            writer.write(key, w)
+            bar.update(key, w.nbytes)
+        del leaf
+    writer.close()
+    bar.close()
+
+
+def save_hf(
+    model: Qwen35,
+    dst: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Write an in-memory model as a HF text checkpoint (`Qwen3_5ForCausalLM` layout + `mtp.*`).
+
+    Parameters are pulled to the host one at a time, so host memory stays at one parameter.
+    """
+    dst = Path(dst)
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    entries = table(
+        {p: tuple(v.get_value().shape) for p, v in flat.items()}, model.config, TEXT_PREFIX
+    )
+    dtypes = {p: np.dtype(v.get_value().dtype) for p, v in flat.items()}
+    leaves = ((e.path, np.asarray(jax.device_get(flat[e.path].get_value()))) for e in entries)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
-        _copy_side_files(src, tmp, skip=lambda name: name == orbax_io.MANIFEST)
-        writer = ShardedWriter(tmp, specs, max_shard_size)
-        for path, leaf in orbax_io.iter_leaves(src, list(by_path)):
-            e = by_path[path]
-            for b, key in enumerate(e.hf_keys):
-                w = e.to_hf(leaf[b] if e.stacked else leaf)
-                w = w if target is None else w.astype(target)
-                writer.write(key, w)
-                bar.update(key, w.nbytes)
-            del leaf
-        writer.close()
-        bar.close()
+        (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2) + "\n")
+        _write_hf(tmp, entries, dtypes, leaves, None, max_shard_size, progress)
     return dst
 
 
@@ -263,20 +316,6 @@ def convert(
 
 
 # ---------------------------------------------------------------------- load
-def _kind(path: Path) -> str:
-    """ "qwenjax" or "hf"; anything else (including an interrupted write) is an error."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    if orbax_io.is_qwenjax_checkpoint(path):
-        return "qwenjax"
-    if (path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file():
-        return "hf"
-    raise CheckpointError(
-        f"{path} is not a checkpoint: it has neither {orbax_io.MANIFEST} (a qwenjax checkpoint) "
-        f"nor {SINGLE_FILE} / {INDEX_FILE} (a HF checkpoint); is it an interrupted conversion?"
-    )
-
-
 def _merge(config: ModelConfig, compute: np.dtype, arrays: dict[tuple, jax.Array]) -> Qwen35:
     graphdef, state = nnx.split(build(config, dtype=compute, abstract=True))
     flat = [(p, v.replace(value=arrays[tuple(p)])) for p, v in nnx.to_flat_state(state)]

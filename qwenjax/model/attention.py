@@ -1,10 +1,10 @@
 """Gated attention (the full-attention layers).
 
-    [q ; gate] = x @ Wq               per head: first H values are the query, next H the gate
-    q, k = q_norm(q), k_norm(x @ Wk)  zero-centred RMSNorm over H, shared by all heads
-    q, k = rope(q), rope(k)           first rotary_dim dims only
-    o = softmax(q kᵀ / √H + mask) v   GQA: query head n reads kv head n // (N / K)
-    out = (o ⊙ sigmoid(gate)) @ Wo
+[q ; gate] = x @ Wq               per head: first H values are the query, next H the gate
+q, k = q_norm(q), k_norm(x @ Wk)  zero-centred RMSNorm over H, shared by all heads
+q, k = rope(q), rope(k)           first rotary_dim dims only
+o = softmax(q kᵀ / √H + mask) v   GQA: query head n reads kv head n // (N / K)
+out = (o ⊙ sigmoid(gate)) @ Wo
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class GatedAttention(nnx.Module):
         self.k_norm = RMSNorm(h, config.rms_norm_eps, axis_name=ax.HEAD_DIM, dtype=param_dtype, rngs=rngs)  # fmt: skip
 
     def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
-        cast = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        cast = lambda p: p[...].astype(self.dtype)
         qg = jnp.einsum("btd,dnh->btnh", x, cast(self.q_proj))  # [B, T, N, 2H]
         q, gate = jnp.split(qg, 2, axis=-1)  # [B, T, N, H] each
         k = jnp.einsum("btd,dkh->btkh", x, cast(self.k_proj))  # [B, T, K, H]

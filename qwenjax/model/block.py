@@ -1,7 +1,7 @@
 """Decoder layer (pre-norm mixer + pre-norm SwiGLU) and the hybrid super-block that is scanned.
 
-    x = x + mixer(input_layernorm(x))          mixer: Gated DeltaNet or gated attention
-    x = x + mlp(post_attention_layernorm(x))
+x = x + mixer(input_layernorm(x))          mixer: Gated DeltaNet or gated attention
+x = x + mlp(post_attention_layernorm(x))
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ class GatedDeltaNet(nnx.Module):
     def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
         cfg = self.config
         b, t, _ = x.shape
-        cast = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        cast = lambda p: p[...].astype(self.dtype)
         m = jnp.einsum("btd,dc->btc", x, cast(self.in_proj_qkv))  # [B, T, C]
         m, _ = causal_conv1d(m, cast(self.conv1d), segment_ids=ctx.segment_ids)
         m = jax.nn.silu(m)

@@ -20,7 +20,7 @@ class MLP(nnx.Module):
         self.down_proj = param(rngs, normal_002, (f, d), (ax.MLP, ax.EMBED), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        cast = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        cast = lambda p: p[...].astype(self.dtype)
         gate = jnp.einsum("btd,df->btf", x, cast(self.gate_proj))
         up = jnp.einsum("btd,df->btf", x, cast(self.up_proj))
         return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, cast(self.down_proj))

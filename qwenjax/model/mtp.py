@@ -24,7 +24,7 @@ from qwenjax.model.params import normal_002, param
 class MTPHead(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, eps = config.hidden_size, config.rms_norm_eps
-        norm = lambda: RMSNorm(d, eps, axis_name=ax.EMBED, dtype=param_dtype, rngs=rngs)  # noqa: E731
+        norm = lambda: RMSNorm(d, eps, axis_name=ax.EMBED, dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
         self.pre_fc_norm_embedding = norm()
         self.pre_fc_norm_hidden = norm()

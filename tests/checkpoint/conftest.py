@@ -37,8 +37,12 @@ def read_all(directory: str | Path) -> dict[str, tuple[str, tuple[int, ...], byt
 
 
 @pytest.fixture(scope="session")
-def hf_checkpoint(tmp_path_factory):
-    """`hf_checkpoint(layout, dtype)` → (torch model, checkpoint dir), built once per session."""
+def hf_source(tmp_path_factory):
+    """`hf_source(layout, dtype)` → (torch model, checkpoint dir with tokenizer-like side files).
+
+    Like the top-level `hf_checkpoint`, plus bf16 models (cast before saving, MTP
+    tensors included) and extra non-weight files that conversion must carry along.
+    """
     cache = {}
 
     def make(layout: str = "text", dtype: str = "float32"):
@@ -55,16 +59,14 @@ def hf_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def converted(hf_checkpoint, tmp_path_factory):
-    """`converted(layout, dtype)` → our checkpoint dir made from `hf_checkpoint(layout, dtype)`."""
+def converted(hf_source, tmp_path_factory):
+    """`converted(layout, dtype)` → our checkpoint dir made from `hf_source(layout, dtype)`."""
     cache = {}
 
     def make(layout: str = "text", dtype: str = "float32") -> Path:
         if (layout, dtype) not in cache:
             dst = tmp_path_factory.mktemp(f"ours_{layout}_{dtype}") / "ckpt"
-            cache[layout, dtype] = hf_to_qwenjax(
-                hf_checkpoint(layout, dtype)[1], dst, progress=False
-            )
+            cache[layout, dtype] = hf_to_qwenjax(hf_source(layout, dtype)[1], dst, progress=False)
         return cache[layout, dtype]
 
     return make

@@ -16,6 +16,7 @@ from flax import nnx
 from qwenjax.checkpoint import hf_to_qwenjax, load, qwenjax_to_hf
 from qwenjax.checkpoint.convert import convert
 from tests.checkpoint.conftest import DTYPES, LAYOUTS, SIDE_FILES, read_all
+from tests.conftest import rel_err
 
 
 def params(model) -> dict:
@@ -32,8 +33,8 @@ def assert_same_params(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_round_trip_is_bit_exact(hf_checkpoint, tmp_path, layout, dtype):
-    _, src = hf_checkpoint(layout, dtype)
+def test_round_trip_is_bit_exact(hf_source, tmp_path, layout, dtype):
+    _, src = hf_source(layout, dtype)
     ours = convert(src, tmp_path / "ours", progress=False)
     back = convert(ours, tmp_path / "back", max_shard_size="40KB", progress=False)
 
@@ -50,8 +51,8 @@ def test_round_trip_is_bit_exact(hf_checkpoint, tmp_path, layout, dtype):
     assert index["metadata"]["total_size"] == sum(len(v[2]) for v in exported.values())
 
 
-def test_export_loads_in_transformers(hf_checkpoint, converted, tmp_path):
-    model, _ = hf_checkpoint("text", "float32")
+def test_export_loads_in_transformers(hf_source, converted, tmp_path):
+    model, _ = hf_source("text", "float32")
     back = qwenjax_to_hf(converted("text", "float32"), tmp_path / "back", progress=False)
     reloaded = transformers.Qwen3_5ForCausalLM.from_pretrained(back)
     expected, got = model.state_dict(), reloaded.state_dict()
@@ -62,27 +63,26 @@ def test_export_loads_in_transformers(hf_checkpoint, converted, tmp_path):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_load_hf_equals_load_converted(hf_checkpoint, converted, layout, dtype):
-    from_hf = params(load(hf_checkpoint(layout, dtype)[1]))
+def test_load_hf_equals_load_converted(hf_source, converted, layout, dtype):
+    from_hf = params(load(hf_source(layout, dtype)[1]))
     assert_same_params(from_hf, params(load(converted(layout, dtype))))
-    # dtype=None keeps the checkpoint's dtypes (the test checkpoints keep MTP in float32).
+    # dtype=None keeps the checkpoint's dtypes.
     assert from_hf[("embed_tokens",)].dtype == jnp.dtype(dtype)
-    assert from_hf[("mtp", "fc")].dtype == jnp.float32
+    assert from_hf[("mtp", "fc")].dtype == jnp.dtype(dtype)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_logits_match_transformers(hf_checkpoint, layout):
-    model, path = hf_checkpoint(layout, "float32")
+def test_logits_match_transformers(hf_source, layout):
+    model, path = hf_source(layout, "float32")
     ids = np.random.default_rng(0).integers(0, model.config.get_text_config().vocab_size, (2, 13))
     with torch.no_grad():
         expected = model(torch.from_numpy(ids)).logits.numpy()
     got = np.asarray(load(path)(jnp.asarray(ids)))
-    # Relative to the logit scale: elementwise relative error is meaningless near zero.
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    assert rel_err(got, expected) < 1e-4
 
 
-def test_dtype_casts_every_parameter(hf_checkpoint, tmp_path):
-    _, src = hf_checkpoint("text", "float32")
+def test_dtype_casts_every_parameter(hf_source, tmp_path):
+    _, src = hf_source("text", "float32")
     ours = hf_to_qwenjax(src, tmp_path / "ours", dtype="bfloat16", progress=False)
     assert json.loads((ours / "qwenjax.json").read_text())["dtype"] == "bfloat16"
     back = qwenjax_to_hf(ours, tmp_path / "back", progress=False)
@@ -95,8 +95,8 @@ def test_dtype_casts_every_parameter(hf_checkpoint, tmp_path):
     assert load(ours).dtype == jnp.bfloat16  # compute dtype follows the parameters
 
 
-def test_progress_reports_every_tensor(hf_checkpoint, tmp_path, capsys):
-    _, src = hf_checkpoint("text", "float32")
+def test_progress_reports_every_tensor(hf_source, tmp_path, capsys):
+    _, src = hf_source("text", "float32")
     capsys.readouterr()
     hf_to_qwenjax(src, tmp_path / "ours", progress=True)
     lines = capsys.readouterr().err.strip().splitlines()

@@ -25,9 +25,9 @@ EXTRA = "model.layers.0.mlp.extra_proj.weight"
 
 
 @pytest.fixture
-def tensors(hf_checkpoint):
+def tensors(hf_source):
     """The tiny text checkpoint's tensors, in memory, to be damaged and rewritten."""
-    _, src = hf_checkpoint("text", "float32")
+    _, src = hf_source("text", "float32")
     index = json.loads((src / "model.safetensors.index.json").read_text())
     out = {}
     for name in sorted(set(index["weight_map"].values())):
@@ -78,11 +78,11 @@ MIXED = ["mixed dtypes", "model.layers.5.mlp.up_proj.weight: float32", f"{UP}: b
     ids=["missing", "unexpected", "mis-shaped", "mixed-dtype", "all-in-one-error"],
 )
 def test_mismatched_tensors_are_reported_together(
-    hf_checkpoint, tensors, tmp_path, op, damage, expected
+    hf_source, tensors, tmp_path, op, damage, expected
 ):
     for fn in damage:
         fn(tensors)
-    src = write_hf(tmp_path / "hf", tensors, hf_checkpoint("text", "float32")[1])
+    src = write_hf(tmp_path / "hf", tensors, hf_source("text", "float32")[1])
     with pytest.raises(CheckpointError) as e:
         hf_to_qwenjax(src, tmp_path / "out", progress=False) if op == "convert" else load(src)
     for text in expected:
@@ -117,9 +117,9 @@ def delete(shard: Path) -> None:
         (delete, "does not exist"),
     ],
 )
-def test_corrupt_shard_names_the_file(hf_checkpoint, tmp_path, damage, message):
+def test_corrupt_shard_names_the_file(hf_source, tmp_path, damage, message):
     src = tmp_path / "hf"
-    shutil.copytree(hf_checkpoint("text", "float32")[1], src)
+    shutil.copytree(hf_source("text", "float32")[1], src)
     shard = src / "model-00003-of-00048.safetensors"
     damage(shard)
     with pytest.raises(CheckpointError, match=message) as e:
@@ -127,9 +127,9 @@ def test_corrupt_shard_names_the_file(hf_checkpoint, tmp_path, damage, message):
     assert shard.name in str(e.value)
 
 
-def test_unknown_config_key_is_a_config_error(hf_checkpoint, tmp_path):
+def test_unknown_config_key_is_a_config_error(hf_source, tmp_path):
     src = tmp_path / "hf"
-    shutil.copytree(hf_checkpoint("text", "float32")[1], src)
+    shutil.copytree(hf_source("text", "float32")[1], src)
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "bogus_option": 1}))
     with pytest.raises(ConfigError, match="bogus_option"):
@@ -137,8 +137,8 @@ def test_unknown_config_key_is_a_config_error(hf_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("direction", ["import", "export"])
-def test_existing_destination(hf_checkpoint, converted, tmp_path, direction):
-    src = hf_checkpoint("text", "float32")[1] if direction == "import" else converted()
+def test_existing_destination(hf_source, converted, tmp_path, direction):
+    src = hf_source("text", "float32")[1] if direction == "import" else converted()
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "old").write_text("x")
@@ -170,9 +170,7 @@ def test_not_a_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("direction", ["import", "export"])
-def test_failed_write_leaves_no_destination(
-    hf_checkpoint, converted, tmp_path, monkeypatch, direction
-):
+def test_failed_write_leaves_no_destination(hf_source, converted, tmp_path, monkeypatch, direction):
     """An exception mid-write removes the temporary directory; the destination never appears."""
     cls, method = (
         (orbax_io_module.ParamWriter, "add") if direction == "import" else (ShardedWriter, "write")
@@ -186,7 +184,7 @@ def test_failed_write_leaves_no_destination(
         original(self, *args)
 
     monkeypatch.setattr(cls, method, failing)
-    src = hf_checkpoint("text", "float32")[1] if direction == "import" else converted()
+    src = hf_source("text", "float32")[1] if direction == "import" else converted()
     with pytest.raises(RuntimeError, match="simulated crash"):
         convert(src, tmp_path / "dst", progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -195,11 +193,9 @@ def test_failed_write_leaves_no_destination(
 
 
 @pytest.mark.parametrize("direction", ["import", "export"])
-def test_killed_write_leaves_only_a_detectable_temp_dir(
-    hf_checkpoint, converted, tmp_path, direction
-):
+def test_killed_write_leaves_only_a_detectable_temp_dir(hf_source, converted, tmp_path, direction):
     """SIGKILL mid-write: no destination, and `load` of the leftover temp dir fails clearly."""
-    src = hf_checkpoint("text", "float32")[1] if direction == "import" else converted()
+    src = hf_source("text", "float32")[1] if direction == "import" else converted()
     dst = tmp_path / "dst"
     cmd = [sys.executable, "-m", "tests.checkpoint.worker", direction, str(src), str(dst)]
     proc = subprocess.run([*cmd, "--kill-after", "40", "--max-shard-size", "40KB"], cwd=REPO)

@@ -2,8 +2,10 @@
 
     python -m tests.checkpoint.worker {import,export,load} SRC [DST] [--kill-after N]
 
-Prints `{"baseline": RSS after imports, "peak": max RSS}` (bytes) as its last line. With
-`--kill-after N` the process SIGKILLs itself after N tensors, like a crash or an OOM kill.
+Prints `{"baseline": RSS after imports, "peak": max RSS}` (bytes) as its last line. The peak is
+Linux's VmHWM, reset to the current RSS after imports (`getrusage`'s ru_maxrss would not do: it
+keeps the parent's RSS at fork across exec). With `--kill-after N` the process SIGKILLs itself
+after N tensors, like a crash or an OOM kill.
 """
 
 from __future__ import annotations
@@ -11,10 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import signal
-
-import psutil
 
 from qwenjax.checkpoint import orbax_io
 from qwenjax.checkpoint.convert import hf_to_qwenjax, load, qwenjax_to_hf
@@ -33,6 +32,15 @@ def _kill_after(n: int) -> None:
     orbax_io.BATCH_BYTES = 1  # one orbax write per parameter, so the kill lands mid-checkpoint
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise KeyError(field)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("op", choices=["import", "export", "load"])
@@ -43,14 +51,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.kill_after is not None:
         _kill_after(args.kill_after)
-    baseline = psutil.Process().memory_info().rss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    baseline = _status_bytes("VmRSS")
     if args.op == "import":
         hf_to_qwenjax(args.src, args.dst, progress=False)
     elif args.op == "export":
         qwenjax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, progress=False)
     else:
         load(args.src)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = _status_bytes("VmHWM")
     print(json.dumps({"baseline": baseline, "peak": peak}))
 
 

@@ -76,5 +76,5 @@ def test_unknown_keys_raise_unless_not_strict():
 def test_unknown_preset_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset"):
         ModelConfig.from_preset("qwen9")
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(ConfigError, match=r"no config\.json"):
         ModelConfig.from_hf(tmp_path)

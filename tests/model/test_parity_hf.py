@@ -55,7 +55,10 @@ def test_packed_documents_equal_separate_runs(hf_checkpoint):
     _, path = hf_checkpoint("text")
     model = load(path, dtype=jnp.float32)
     rng = np.random.default_rng(3)
-    a, b = rng.integers(0, model.config.vocab_size, 45), rng.integers(0, model.config.vocab_size, 38)
+    a, b = (
+        rng.integers(0, model.config.vocab_size, 45),
+        rng.integers(0, model.config.vocab_size, 38),
+    )
     packed = jnp.asarray(np.concatenate([a, b])[None])
     segments = jnp.asarray(np.repeat([1, 2], [45, 38])[None])
     out = np.asarray(model(packed, segment_ids=segments))[0]

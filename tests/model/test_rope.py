@@ -17,12 +17,12 @@ def hf_rotary(config: ModelConfig):
     return Qwen3_5TextRotaryEmbedding(ModelConfig_to_hf_text(config))
 
 
-def ModelConfig_to_hf_text(config: ModelConfig):  # noqa: N802
+def ModelConfig_to_hf_text(config: ModelConfig):
     import transformers
 
-    return transformers.Qwen3_5TextConfig(**{
-        k: v for k, v in config.to_hf().items() if k not in ("architectures", "model_type")
-    })
+    return transformers.Qwen3_5TextConfig(
+        **{k: v for k, v in config.to_hf().items() if k not in ("architectures", "model_type")}
+    )
 
 
 CONFIGS = {
@@ -62,5 +62,5 @@ def test_apply_rope_rotates_only_the_rotary_dims():
     y = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
     np.testing.assert_array_equal(y[..., 64:], x[..., 64:])
     # A rotation keeps the norm of each (j, j + 32) pair.
-    pair = lambda a: a[..., :32] ** 2 + a[..., 32:64] ** 2  # noqa: E731
+    pair = lambda a: a[..., :32] ** 2 + a[..., 32:64] ** 2
     np.testing.assert_allclose(pair(y), pair(x), rtol=1e-5)

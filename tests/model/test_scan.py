@@ -20,12 +20,8 @@ def top_level_scans(config):
 def test_27b_trunk_is_a_single_scan_over_16_blocks():
     scans, jaxpr = top_level_scans(qwenjax.ModelConfig.from_preset("qwen3.6-27b"))
     assert [eqn.params["length"] for eqn in scans] == [16]
-    # The body holds one super-block: 3 GDN layers (each with its own chunk scan) + attention.
-    body = scans[0].params["jaxpr"].jaxpr
-    inner = [e for e in body.eqns if e.primitive.name == "scan"]
-    assert len(inner) == 3
     # Trace size does not grow with depth: 16 blocks trace to the same program as 2.
-    tiny_scans, tiny = top_level_scans(
+    _, tiny = top_level_scans(
         qwenjax.ModelConfig.from_preset("qwen3.6-27b").replace(
             num_hidden_layers=8, layer_types=qwenjax.ModelConfig.from_preset("tiny").layer_types
         )

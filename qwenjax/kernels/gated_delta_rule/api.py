@@ -46,10 +46,10 @@ def _check_heads(q: jax.Array, k: jax.Array, v: jax.Array, lead: tuple[int, ...]
         )
 
 
-def _check_gates(g: jax.Array, beta: jax.Array, expected: tuple[int, ...]) -> None:
+def _check_gates(g: jax.Array, beta: jax.Array, expected: tuple[int, ...], layout: str) -> None:
     for name, x in (("g", g), ("beta", beta)):
         if x.shape != expected:
-            raise ValueError(f"{name} must have shape {expected} ([..., Hv] of v), got {x.shape}")
+            raise ValueError(f"{name} must have shape {expected} ({layout}), got {x.shape}")
 
 
 def _check_state(state: jax.Array, expected: tuple[int, ...], name: str) -> None:
@@ -102,7 +102,7 @@ def gated_delta_rule(
     b, t, _, dk = q.shape
     _check_heads(q, k, v, (b, t))
     hv, dv = v.shape[2:]
-    _check_gates(g, beta, (b, t, hv))
+    _check_gates(g, beta, (b, t, hv), "[B, T, Hv]")
     if initial_state is not None:
         _check_state(initial_state, (b, hv, dk, dv), "initial_state")
     if segment_ids is not None and segment_ids.shape != (b, t):
@@ -155,7 +155,7 @@ def gated_delta_step(
     b, hk, dk = q.shape
     _check_heads(q, k, v, (b,))
     hv, dv = v.shape[1:]
-    _check_gates(g, beta, (b, hv))
+    _check_gates(g, beta, (b, hv), "[B, Hv]")
     _check_state(state, (b, hv, dk, dv), "state")
     grp, dtype = hv // hk, compute_dtype(q, k, v, state)
     q, k = prepare_qk(q, k, scale, use_qk_l2norm)  # [B, K, E]

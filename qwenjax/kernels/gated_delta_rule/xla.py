@@ -29,7 +29,6 @@ head, E key dim, H value dim.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qwenjax.kernels.gated_delta_rule.reference import compute_dtype, prepare_qk
 
@@ -55,20 +54,21 @@ def _invert_unit_lower(a: jax.Array) -> jax.Array:
     With X_b the inverse of the block-diagonal part of I + a (aligned blocks of size b) and E_b
     the entries of a that join the two halves of each aligned block of size 2b,
     X_2b = (I + X_b E_b)^-1 X_b = X_b - X_b E_b X_b, because (X_b E_b)^2 = 0. Starting from
-    X_1 = I, log2(C) levels of two masked matmuls give the full inverse, exactly as a blocked
-    forward substitution would. This replaces `lax.linalg.triangular_solve`, whose batched CPU
+    X_1 = I, log2(C) levels of two masked matmuls give the inverse a blocked forward
+    substitution would give. This replaces `lax.linalg.triangular_solve`, whose batched CPU
     (LAPACK) kernel in jaxlib 0.10 can deadlock when two solves run concurrently (the backward
     pass has several), and keeps the work on matmul units on TPU and GPU.
     """
     c = a.shape[-1]
-    rows, cols = np.arange(c)[:, None], np.arange(c)[None, :]
-    x = jnp.broadcast_to(jnp.eye(c, dtype=a.dtype), a.shape)
-    b = 1
-    while b < c:
+    rows, cols = jnp.arange(c)[:, None], jnp.arange(c)[None, :]
+
+    def level(i, x):
+        b = 2**i  # a `fori_loop` rather than a Python loop: one body to compile, not log2(C)
         joins = (rows // (2 * b) == cols // (2 * b)) & (rows // b % 2 == 1) & (cols // b % 2 == 0)
-        x = x - _einsum("...ij,...jk,...kl->...il", x, jnp.where(joins, a, 0.0), x)
-        b *= 2
-    return x
+        return x - _einsum("...ij,...jk,...kl->...il", x, jnp.where(joins, a, 0.0), x)
+
+    eye = jnp.broadcast_to(jnp.eye(c, dtype=a.dtype), a.shape)
+    return jax.lax.fori_loop(0, (c - 1).bit_length(), level, eye)
 
 
 def _run_ids(segment_ids: jax.Array | None, batch: int, seq_len: int) -> jax.Array:

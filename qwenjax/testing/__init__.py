@@ -1,0 +1,1 @@
+"""Test doubles shipped with the package: tiny checkpoints, tokenizer and demo data."""
