@@ -23,17 +23,49 @@ def _convert(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from qwenjax.demo import run_demo
 
-    run_demo(args.run_dir, seed=args.seed)
+    run_demo(args.run_dir, tuple(args.overrides))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from qwenjax.runconfig import load_run_config
+    from qwenjax.train.loop import train
+
+    train(load_run_config(args.config, args.overrides))
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from qwenjax.config import ModelConfig
+    from qwenjax.plan import plan, print_report
+    from qwenjax.runconfig import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)
+    model = ModelConfig.from_preset(args.model) if args.model else None
+    report = plan(cfg, args.topology, model_config=model)
+    print_report(report)
+    if not report["fits"]:
+        raise SystemExit(1)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwenjax", description=__doc__)
     verbs = p.add_subparsers(dest="verb", required=True)
 
-    demo = verbs.add_parser("demo", help="run the whole pipeline on the embedded tiny model")
-    demo.add_argument("--run-dir", default="runs/demo", help="where checkpoints are written")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = verbs.add_parser("demo", help="train, evaluate and convert the embedded tiny model")
+    demo.add_argument("--run-dir", default="runs/demo", help="where data and checkpoints go")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides of tiny-demo.yaml")
     demo.set_defaults(func=_demo)
+
+    tr = verbs.add_parser("train", help="fine-tune from a run config (YAML)")
+    tr.add_argument("--config", required=True, help="configs/<run>.yaml")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
+    tr.set_defaults(func=_train)
+
+    pl = verbs.add_parser("plan", help="compile the train step for a TPU topology; does it fit?")
+    pl.add_argument("--config", required=True, help="the run config to check")
+    pl.add_argument("--topology", required=True, help="e.g. v5p-64, v6e-16, v5p:2x2x2")
+    pl.add_argument("--model", default=None, help="a preset instead of the config's model")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
+    pl.set_defaults(func=_plan)
 
     conv = verbs.add_parser(
         "convert", help="HF safetensors ⇄ qwenjax checkpoint (direction from SRC)"

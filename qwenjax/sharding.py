@@ -1,9 +1,32 @@
-"""Logical axis names carried by every parameter (`sharding_names` metadata).
+"""Logical axis names, the device mesh, and the rules tables that map one onto the other.
 
-Mesh rules that map these names to device-mesh axes live here too once the training issue adds
-them; model code only ever names logical axes.
+Every parameter carries logical axis names (`out_sharding` metadata, e.g. `("embed", "mlp")`)
+and activations are constrained with `constrain(x, names)`. A rules table maps each logical name
+to mesh axes; this module is the only place the two meet, so a new parallelism strategy is a new
+table, not a model change.
+
+Mesh axes, outermost first (the innermost gets the fastest links):
+  data      pure data parallelism (parameters replicated)
+  fsdp      data parallelism with parameters and optimizer state sharded (ZeRO-3)
+  sequence  context parallelism over the token axis
+  tensor    Megatron-style tensor parallelism over heads / FFN width / vocab
 """
 
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+# ---------------------------------------------------------------------- logical names: parameters
 LAYERS = "layers"  # the scanned super-block axis
 VOCAB = "vocab"
 EMBED = "embed"  # model width D
@@ -14,3 +37,199 @@ HEAD_DIM = "head_dim"
 GDN_CHANNELS = "gdn_channels"  # flat q|k|v channels of the GDN input projection and conv
 GDN_V_HEADS = "gdn_v_heads"
 CONV_WIDTH = "conv_width"
+LORA_RANK = "lora_rank"
+
+# ---------------------------------------------------------------------- logical names: activations
+BATCH = "batch"
+LENGTH = "length"
+ACT_EMBED = "act_embed"  # D of activations (parameters' D is EMBED, sharded differently)
+HIDDEN = (BATCH, LENGTH, ACT_EMBED)  # the residual stream [B, T, D]
+
+# ---------------------------------------------------------------------- mesh axes
+DATA = "data"
+FSDP = "fsdp"
+SEQUENCE = "sequence"
+TENSOR = "tensor"
+MESH_AXES = (DATA, FSDP, SEQUENCE, TENSOR)
+
+Rules = Mapping[str, str | tuple[str, ...] | None]
+
+# ZeRO-3: each weight matrix is split along D over `fsdp` and all-gathered per layer; the batch
+# is split over every data-like axis. Tensor-parallel names stay unsharded.
+FSDP_RULES: Rules = {
+    BATCH: (DATA, FSDP),
+    LENGTH: SEQUENCE,
+    ACT_EMBED: None,
+    LAYERS: None,
+    VOCAB: None,
+    EMBED: FSDP,
+    MLP: None,
+    Q_HEADS: None,
+    KV_HEADS: None,
+    HEAD_DIM: None,
+    GDN_CHANNELS: None,
+    GDN_V_HEADS: None,
+    CONV_WIDTH: None,
+    LORA_RANK: None,
+}
+# FSDP over D plus tensor parallelism over heads, FFN width and vocab (Megatron column/row split).
+FSDP_TP_RULES: Rules = {
+    **FSDP_RULES,
+    VOCAB: TENSOR,
+    MLP: TENSOR,
+    Q_HEADS: TENSOR,
+    KV_HEADS: TENSOR,
+    GDN_CHANNELS: TENSOR,
+    GDN_V_HEADS: TENSOR,
+}
+RULES: dict[str, Rules] = {"fsdp": FSDP_RULES, "fsdp_tp": FSDP_TP_RULES}
+
+
+# ---------------------------------------------------------------------- mesh
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1 to take all remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    sequence: int = 1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> dict[str, int]:
+        """Axis sizes `{name: size}` for `num_devices`, with the -1 axis filled in."""
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        free = [axis for axis, size in sizes.items() if size == -1]
+        if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+            raise ValueError(f"mesh sizes must be positive with at most one -1, got {sizes}")
+        fixed = math.prod(size for size in sizes.values() if size != -1)
+        if free:
+            if num_devices % fixed:
+                raise ValueError(f"mesh {sizes} does not divide {num_devices} devices")
+            sizes[free[0]] = num_devices // fixed
+        if math.prod(sizes.values()) != num_devices:
+            need = math.prod(sizes.values())
+            raise ValueError(f"mesh {sizes} needs {need} devices, have {num_devices}")
+        return sizes
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A mesh over `devices` (default all) with axes `MESH_AXES`, ordered for the topology."""
+    devices = jax.devices() if devices is None else list(devices)
+    shape = tuple(config.shape(len(devices)).values())
+    grid = mesh_utils.create_device_mesh(shape, devices)
+    # Auto axes: sharding follows GSPMD propagation from the constraints we place.
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+# ---------------------------------------------------------------------- logical → mesh
+def spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
+    """The `PartitionSpec` of an array whose dims carry logical `names` (None = replicated)."""
+    out, used = [], set()
+    for name in names:
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no rule (known: {sorted(rules)})")
+        axes = rules.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if used & set(axes):
+            raise ValueError(f"mesh axes {sorted(used & set(axes))} used twice in {tuple(names)}")
+        used |= set(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def _check_divisible(
+    shape: Sequence[int], pspec: PartitionSpec, mesh: Any, names: Sequence[Any], where: str
+) -> list[str]:
+    problems = []
+    for dim, name, axes in zip(shape, names, pspec, strict=False):
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in axes)
+        if dim % size:
+            parts = "×".join(f"{a}={mesh.shape[a]}" for a in axes)
+            problems.append(f"{where}: {name}={dim} not divisible by {parts}")
+    return problems
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+AnyMesh = jax.sharding.Mesh | jax.sharding.AbstractMesh
+
+
+def tree_shardings(tree: Any, mesh: AnyMesh, rules: Rules) -> Any:
+    """NamedShardings for a pytree holding `nnx.Variable`s (params, grads, optimizer moments).
+
+    Variables are placed by their `out_sharding` logical names; any other leaf (step counters,
+    scalars) is replicated. Raises one `ValueError` listing every dimension that a mesh axis
+    does not divide.
+    """
+    problems: list[str] = []
+
+    def one(path, leaf):
+        if not _is_variable(leaf):
+            return NamedSharding(mesh, PartitionSpec())
+        names = leaf.get_metadata().get("out_sharding") or (None,) * leaf.ndim
+        pspec = spec(names, rules)
+        where = jax.tree_util.keystr(path)
+        problems.extend(_check_divisible(leaf.shape, pspec, mesh, names, where))
+        return leaf.replace(value=NamedSharding(mesh, pspec))
+
+    out = jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_variable)
+    if problems:
+        raise ValueError("mesh does not divide the model:\n  " + "\n  ".join(problems))
+    return out
+
+
+def param_shardings(model_or_state: Any, mesh: AnyMesh, rules: Rules) -> nnx.State:
+    """Shardings of every variable of a (possibly abstract) model or `nnx.State`, by the rules."""
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+    return tree_shardings(state, mesh, rules)
+
+
+# ---------------------------------------------------------------------- activations
+_ACTIVE: contextvars.ContextVar[tuple[jax.sharding.Mesh, Rules] | None] = contextvars.ContextVar(
+    "qwenjax_sharding_rules", default=None
+)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
+    """Within this block (while tracing), `constrain` places activations on `mesh` by `rules`."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; the identity outside `use_rules` (single device)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(names, rules)))
+
+
+def constrain_tree(tree: Any) -> Any:
+    """`constrain` for a pytree of `nnx.Variable`s (e.g. a gradient accumulator) by metadata."""
+    active = _ACTIVE.get()
+    if active is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, tree_shardings(tree, *active))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, *, microbatched: bool) -> NamedSharding:
+    """Sharding of `[B, T]` batch arrays, or `[k, B/k, T]` when `microbatched`."""
+    names = (None, BATCH, LENGTH) if microbatched else (BATCH, LENGTH)
+    return NamedSharding(mesh, spec(names, rules))
+
+
+def check_batch(shape: Sequence[int], sharding: NamedSharding) -> None:
+    """Raise a clear error when the mesh does not divide a batch array of `shape`."""
+    names = ("microbatches", "batch", "length")[-len(shape) :]
+    problems = _check_divisible(shape, sharding.spec, sharding.mesh, names, "batch")
+    if problems:
+        raise ValueError("mesh does not divide the batch:\n  " + "\n  ".join(problems))

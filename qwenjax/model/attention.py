@@ -18,12 +18,20 @@ from qwenjax.config import ModelConfig
 from qwenjax.kernels.attention import attention
 from qwenjax.model.context import Context
 from qwenjax.model.norms import RMSNorm
-from qwenjax.model.params import normal_002, param
+from qwenjax.model.params import LoRAConfig, dense, lora, normal_002, param
 from qwenjax.model.rope import apply_rope
 
 
 class GatedAttention(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype,
+        param_dtype,
+        lora_config: LoRAConfig | None = None,
+        rngs: nnx.Rngs,
+    ):
         d, n, k, h = (
             config.hidden_size,
             config.num_attention_heads,
@@ -35,15 +43,18 @@ class GatedAttention(nnx.Module):
         self.k_proj = param(rngs, normal_002, (d, k, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), param_dtype)  # fmt: skip
         self.v_proj = param(rngs, normal_002, (d, k, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), param_dtype)  # fmt: skip
         self.o_proj = param(rngs, normal_002, (n, h, d), (ax.Q_HEADS, ax.HEAD_DIM, ax.EMBED), param_dtype)  # fmt: skip
+        self.q_proj_lora = lora(self.q_proj, 1, lora_config, rngs)
+        self.k_proj_lora = lora(self.k_proj, 1, lora_config, rngs)
+        self.v_proj_lora = lora(self.v_proj, 1, lora_config, rngs)
+        self.o_proj_lora = lora(self.o_proj, 2, lora_config, rngs)
         self.q_norm = RMSNorm(h, config.rms_norm_eps, axis_name=ax.HEAD_DIM, dtype=param_dtype, rngs=rngs)  # fmt: skip
         self.k_norm = RMSNorm(h, config.rms_norm_eps, axis_name=ax.HEAD_DIM, dtype=param_dtype, rngs=rngs)  # fmt: skip
 
     def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
-        cast = lambda p: p[...].astype(self.dtype)
-        qg = jnp.einsum("btd,dnh->btnh", x, cast(self.q_proj))  # [B, T, N, 2H]
+        qg = dense("btd,dnh->btnh", x, self.q_proj, self.q_proj_lora, self.dtype)  # [B, T, N, 2H]
         q, gate = jnp.split(qg, 2, axis=-1)  # [B, T, N, H] each
-        k = jnp.einsum("btd,dkh->btkh", x, cast(self.k_proj))  # [B, T, K, H]
-        v = jnp.einsum("btd,dkh->btkh", x, cast(self.v_proj))
+        k = dense("btd,dkh->btkh", x, self.k_proj, self.k_proj_lora, self.dtype)  # [B, T, K, H]
+        v = dense("btd,dkh->btkh", x, self.v_proj, self.v_proj_lora, self.dtype)
         q = apply_rope(self.q_norm(q), ctx.cos, ctx.sin)
         k = apply_rope(self.k_norm(k), ctx.cos, ctx.sin)
         o = attention(
@@ -56,4 +67,4 @@ class GatedAttention(nnx.Module):
             kv_segment_ids=ctx.segment_ids,
         )  # [B, T, N, H]
         o = o * jax.nn.sigmoid(gate)
-        return jnp.einsum("btnh,nhd->btd", o, cast(self.o_proj))
+        return dense("btnh,nhd->btd", o, self.o_proj, self.o_proj_lora, self.dtype)

@@ -16,11 +16,21 @@ from qwenjax.model.context import Context
 from qwenjax.model.deltanet import GatedDeltaNet
 from qwenjax.model.mlp import MLP
 from qwenjax.model.norms import RMSNorm
+from qwenjax.model.params import LoRAConfig
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, layer_type: str, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_type: str,
+        *,
+        dtype,
+        param_dtype,
+        lora_config: LoRAConfig | None = None,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, lora_config=lora_config, rngs=rngs)
         d, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(d, eps, axis_name=ax.EMBED, dtype=param_dtype, rngs=rngs)
         mixer = GatedAttention if layer_type == FULL_ATTENTION else GatedDeltaNet
@@ -36,13 +46,10 @@ class DecoderLayer(nnx.Module):
 class HybridBlock(nnx.Module):
     """One period of `layer_types` (3 × GDN then 1 × attention for Qwen3.5/3.6): the scan unit."""
 
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [
-                DecoderLayer(config, t, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                for t in config.block_pattern
-            ]
-        )
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, **kw):
+        # kw: dtype, param_dtype, lora_config, as for DecoderLayer
+        layers = [DecoderLayer(config, t, rngs=rngs, **kw) for t in config.block_pattern]
+        self.layers = nnx.List(layers)
 
     def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
         for layer in self.layers:

@@ -18,11 +18,19 @@ from qwenjax.config import FULL_ATTENTION, ModelConfig
 from qwenjax.model.block import DecoderLayer
 from qwenjax.model.context import Context
 from qwenjax.model.norms import RMSNorm
-from qwenjax.model.params import normal_002, param
+from qwenjax.model.params import LoRAConfig, normal_002, param
 
 
 class MTPHead(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype,
+        param_dtype,
+        lora_config: LoRAConfig | None = None,
+        rngs: nnx.Rngs,
+    ):
         d, eps = config.hidden_size, config.rms_norm_eps
         norm = lambda: RMSNorm(d, eps, axis_name=ax.EMBED, dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
@@ -30,7 +38,12 @@ class MTPHead(nnx.Module):
         self.pre_fc_norm_hidden = norm()
         self.fc = param(rngs, normal_002, (2 * d, d), (None, ax.EMBED), param_dtype)
         self.layer = DecoderLayer(
-            config, FULL_ATTENTION, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            config,
+            FULL_ATTENTION,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            lora_config=lora_config,
+            rngs=rngs,
         )
         self.norm = norm()
 

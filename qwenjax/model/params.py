@@ -1,12 +1,16 @@
-"""Parameter constructors: every parameter gets an initialiser, a dtype and logical axis names."""
+"""Parameter constructors (initialiser, dtype, logical axis names) and the LoRA-aware projection."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from qwenjax.sharding import LORA_RANK
 
 Init = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -28,3 +32,66 @@ def param(
     return nnx.Param(
         init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters on the projection matrices: `W x + (x A) B · alpha / rank`."""
+
+    rank: int
+    alpha: float
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {self.rank}")
+
+
+class LoRA(nnx.Module):
+    """The adapter of one projection `W [in..., out...]`: `A [in..., r]`, `B [r, out...]`.
+
+    A starts normal with std 1/√fan_in and B at zero, so an adapted model starts equal to its
+    base. A draws from the `lora` rng stream, so adding adapters leaves the base's random init
+    unchanged when that stream exists (`api.build` makes it). Both are `nnx.LoRAParam`s in at
+    least fp32 (fp32 master weights even over a bf16 base) and carry the base's logical axis
+    names on their in/out dims, so they shard like the base.
+    """
+
+    def __init__(self, base: nnx.Param, num_in: int, config: LoRAConfig, *, rngs: nnx.Rngs):
+        shape, axes = base.shape, base.get_metadata()["out_sharding"]
+        dtype = jnp.promote_types(base.dtype, jnp.float32)
+        fan_in = math.prod(shape[:num_in])
+        a_init = nnx.initializers.normal(fan_in**-0.5)
+        self.a = nnx.LoRAParam(
+            a_init(rngs.lora(), (*shape[:num_in], config.rank), dtype),
+            out_sharding=(*axes[:num_in], LORA_RANK),
+            eager_sharding=False,
+        )
+        self.b = nnx.LoRAParam(
+            jnp.zeros((config.rank, *shape[num_in:]), dtype),
+            out_sharding=(LORA_RANK, *axes[num_in:]),
+            eager_sharding=False,
+        )
+        self.scale = config.alpha / config.rank
+
+    def __call__(self, eq: str, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        """The update `(x A) B · scale` for the projection `einsum(eq, x, W)`."""
+        lhs, out = eq.split("->")
+        xs, ws = lhs.split(",")
+        if "r" in eq:
+            raise ValueError(f"einsum {eq!r} uses 'r', the LoRA rank letter")
+        w_in, w_out = ws[: self.a.ndim - 1], ws[self.a.ndim - 1 :]  # "btd,dnh->btnh": d | nh
+        rest = "".join(c for c in xs if c not in w_in)  # x's uncontracted letters: bt
+        xa = jnp.einsum(f"{xs},{w_in}r->{rest}r", x, self.a[...].astype(dtype))  # [B, T, r]
+        y = jnp.einsum(f"{rest}r,r{w_out}->{out}", xa, self.b[...].astype(dtype))
+        return y * jnp.asarray(self.scale, dtype)
+
+
+def lora(base: nnx.Param, num_in: int, config: LoRAConfig | None, rngs: nnx.Rngs) -> LoRA | None:
+    """An adapter for `base` (whose first `num_in` dims are contracted), or None without LoRA."""
+    return None if config is None else LoRA(base, num_in, config, rngs=rngs)
+
+
+def dense(eq: str, x: jax.Array, w: nnx.Param, adapter: LoRA | None, dtype: jnp.dtype) -> jax.Array:
+    """The projection `einsum(eq, x, w)` in the compute dtype, plus its LoRA update if any."""
+    y = jnp.einsum(eq, x, w[...].astype(dtype))
+    return y if adapter is None else y + adapter(eq, x, dtype)

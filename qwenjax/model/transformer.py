@@ -6,7 +6,8 @@
     logits = h @ W_lm                → `logits()`; `__call__` = both
     mtp(h, E[x_{i+1}]) → norm        → `mtp_hidden()`, read out through the same LM head
 
-The stacked blocks are applied with `lax.scan`, so compile time does not grow with depth.
+The stacked blocks are applied with `lax.scan`, so compile time does not grow with depth; each
+block is rematerialised in the backward pass as `remat` says (see `REMAT_POLICIES`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,17 @@ from qwenjax.model.block import HybridBlock
 from qwenjax.model.context import Context
 from qwenjax.model.mtp import MTPHead
 from qwenjax.model.norms import RMSNorm
-from qwenjax.model.params import normal_002, param
+from qwenjax.model.params import LoRAConfig, normal_002, param
 from qwenjax.model.rope import rope_tables
+
+# What the backward pass keeps of each scanned block's forward (the rest is recomputed).
+REMAT_POLICIES = {
+    "none": None,  # keep everything: fastest, most memory; no checkpoint at all
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the block inputs
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    # keep matmul outputs in host memory (HBM-bound runs; costs PCIe/DMA bandwidth)
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -44,13 +54,20 @@ class Qwen35(nnx.Module):
         *,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype | None = None,
+        lora_config: LoRAConfig | None = None,
+        remat: str = "none",
         rngs: nnx.Rngs,
     ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}"
+            )
         param_dtype = dtype if param_dtype is None else param_dtype
         d, v = config.hidden_size, config.vocab_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, lora_config=lora_config)
         self.config = config
         self.dtype = dtype
+        self.remat = remat
         self.embed_tokens = param(rngs, normal_002, (v, d), (ax.VOCAB, ax.EMBED), param_dtype)
 
         @nnx.split_rngs(splits=config.num_blocks)
@@ -99,7 +116,8 @@ class Qwen35(nnx.Module):
         return Context(cos=cos, sin=sin, token_index=token_index, segment_ids=segment_ids)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        return ax.constrain(x, ax.HIDDEN)  # [B, T, D]
 
     def hidden(
         self,
@@ -115,16 +133,23 @@ class Qwen35(nnx.Module):
         graphdef, state = nnx.split(self.blocks)
 
         def body(x, block_state):
-            return nnx.merge(graphdef, block_state)(x, ctx), None
+            x = nnx.merge(graphdef, block_state)(x, ctx)
+            return ax.constrain(x, ax.HIDDEN), None
 
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
         x, _ = jax.lax.scan(body, x, state)
         return x
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """`[B, T, V]` in the model dtype (losses upcast)."""
+    def head_weight(self) -> jax.Array:
+        """The LM head `[D, V]` in the compute dtype (the embedding, transposed, when tied)."""
         if self.lm_head is None:
-            return jnp.einsum("btd,vd->btv", hidden, self.embed_tokens[...].astype(self.dtype))
-        return jnp.einsum("btd,dv->btv", hidden, self.lm_head[...].astype(self.dtype))
+            return self.embed_tokens[...].astype(self.dtype).T
+        return self.lm_head[...].astype(self.dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """`[B, T, V]` in the model dtype (losses upcast; training uses `train.loss` instead)."""
+        return jnp.einsum("btd,dv->btv", hidden, self.head_weight())
 
     def mtp_hidden(
         self,
@@ -135,12 +160,14 @@ class Qwen35(nnx.Module):
     ) -> jax.Array:
         """MTP hidden states `[B, T, D]`: index i combines `hidden[i]` with token `next_ids[i]`.
 
-        The caller shifts: `next_ids[i] = input_ids[i + 1]`. Positions are those of `hidden`.
+        The caller shifts: `next_ids[i] = input_ids[i + 1]`. Positions and segment ids are those
+        of `hidden` (index i belongs to h_i's document), so the MTP layer's attention never reads
+        across a document boundary.
         """
         if self.mtp is None:
             raise ValueError("this model has no MTP head (mtp_num_hidden_layers = 0)")
         ctx = self.context(next_ids, positions, segment_ids)
-        return self.mtp(hidden, self.embed(next_ids), ctx)
+        return ax.constrain(self.mtp(hidden, self.embed(next_ids), ctx), ax.HIDDEN)
 
     def __call__(
         self,

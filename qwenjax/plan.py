@@ -1,0 +1,163 @@
+"""`qwenjax plan`: compile the real train step for a TPU topology here, and say whether it fits.
+
+Uses jax[tpu]'s libtpu to build a TPU topology on any machine (no TPU needed), lowers and
+compiles the jitted train step of a run config for it, and reports per-chip memory (parameters,
+optimizer state, activations/temporaries, total vs HBM), FLOPs per step and the compiler's cost
+estimate. Exit status 1 when the config does not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qwenjax import sharding
+from qwenjax.api import build
+from qwenjax.config import ModelConfig
+from qwenjax.train.loop import RunConfig
+from qwenjax.train.step import (
+    TrainState,
+    jit_train_step,
+    make_train_step,
+    new_train_state_parts,
+    split_model,
+    train_state_shardings,
+)
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_bytes: int
+    peak_flops: float  # bf16 dense, per chip
+    cores_per_chip: int  # the "-N" of a slice name counts TensorCores on v4/v5p, chips elsewhere
+    topologies: dict[int, str]  # chips → topology string for get_topology_desc
+
+
+CHIPS = {
+    "v5p": Chip(95 * GiB, 459e12, 2, {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4",
+                                      64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}),
+    "v6e": Chip(32 * GiB, 918e12, 1, {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8",
+                                      64: "8x8", 128: "8x16", 256: "16x16"}),
+    "v5e": Chip(16 * GiB, 197e12, 1, {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8",
+                                      64: "8x8", 128: "8x16", 256: "16x16"}),
+}  # fmt: skip
+
+
+def topology(name: str) -> tuple[Chip, str]:
+    """`v5p-64` (slice name) or `v5p:2x4x4` → (chip facts, get_topology_desc string)."""
+    kind, sep, size = name.replace(":", "-", 1).partition("-")
+    if kind not in CHIPS or not sep:
+        raise ValueError(f"unknown TPU topology {name!r}; e.g. v5p-64, v6e-16, v5p:2x2x2")
+    chip = CHIPS[kind]
+    if "x" in size:
+        return chip, f"{kind}:{size}"
+    chips = int(size) // chip.cores_per_chip
+    if chips not in chip.topologies:
+        raise ValueError(f"{name}: known {kind} sizes are {sorted(chip.topologies)} chips")
+    return chip, f"{kind}:{chip.topologies[chips]}"
+
+
+def _bytes_per_device(tree: Any) -> int:
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def plan(cfg: RunConfig, topology_name: str, *, model_config: ModelConfig | None = None) -> dict:
+    """Compile `cfg`'s train step for `topology_name`; returns the report (bytes per chip)."""
+    from jax.experimental import topologies  # needs jax[tpu] (libtpu)
+
+    chip, topo = topology(topology_name)
+    devices = topologies.get_topology_desc(topo, platform="tpu").devices
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    rules = sharding.RULES[cfg.model.rules]
+    if model_config is None:
+        if cfg.model.preset is None:
+            model_config = ModelConfig.from_hf(cfg.model.checkpoint)
+        else:
+            model_config = ModelConfig.from_preset(cfg.model.preset)
+    model = build(
+        model_config,
+        dtype=jnp.dtype(cfg.model.dtype),
+        param_dtype=jnp.float32 if not cfg.model.lora_rank else jnp.dtype(cfg.model.dtype),
+        abstract=True,
+        remat=cfg.model.remat,
+        lora_rank=cfg.model.lora_rank,
+        lora_alpha=cfg.model.lora_alpha,
+    )
+    shardings = train_state_shardings(model, cfg.optim, mesh, rules)
+    _, params, frozen = split_model(model)
+    fresh = jax.eval_shape(lambda p: new_train_state_parts(p, cfg.optim, 0), params)
+    shapes = TrainState(frozen=frozen, **fresh)
+    state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+    hosts = len({d.process_index for d in devices})
+    k = cfg.train.grad_accum
+    global_batch = cfg.data.batch_size * hosts
+    batch_sharding = sharding.batch_sharding(mesh, rules, microbatched=True)
+    batch = {
+        name: jax.ShapeDtypeStruct(
+            (k, global_batch // k, cfg.data.seq_len), jnp.int32, sharding=batch_sharding
+        )
+        for name in ("input_ids", "segment_ids", "positions", "loss_mask")
+    }
+    step_fn = make_train_step(
+        model, cfg.optim, mtp_weight=cfg.train.mtp_weight, ce_chunk=cfg.train.ce_chunk
+    )
+    compiled = jit_train_step(step_fn, mesh, rules, shardings).jitted.lower(state, batch).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    flops = float(cost.get("flops", 0.0)) * len(devices)
+    tokens = global_batch * cfg.data.seq_len
+    report = {
+        "topology": topo,
+        "chips": len(devices),
+        "hosts": hosts,
+        "mesh": dict(mesh.shape),
+        "hbm_per_chip": chip.hbm_bytes,
+        "params_per_chip": _bytes_per_device(state.params) + _bytes_per_device(state.frozen),
+        "optimizer_per_chip": _bytes_per_device(state.opt_state),
+        "temporaries_per_chip": memory.temp_size_in_bytes,
+        "total_per_chip": total,
+        "fits": total <= chip.hbm_bytes,
+        "tokens_per_step": tokens,
+        "flops_per_step": flops,
+        "model_flops_per_step": model_config.flops_per_token(cfg.data.seq_len) * tokens,
+        "step_seconds_at_peak": flops / (chip.peak_flops * len(devices)) if flops else None,
+        "compiler_seconds_estimate": cost.get("optimal_seconds"),
+    }
+    return report
+
+
+def print_report(r: dict, out=sys.stdout) -> None:
+    gib = lambda b: f"{b / GiB:8.2f} GiB"
+    where = f"{r['chips']} chips on {r['hosts']} hosts"
+    print(f"topology {r['topology']}: {where}, mesh {r['mesh']}", file=out)
+    print(f"  parameters        {gib(r['params_per_chip'])} per chip", file=out)
+    print(f"  optimizer state   {gib(r['optimizer_per_chip'])} per chip", file=out)
+    print(f"  activations/temps {gib(r['temporaries_per_chip'])} per chip", file=out)
+    print(f"  total             {gib(r['total_per_chip'])} of {gib(r['hbm_per_chip'])} HBM "
+          f"→ {'fits' if r['fits'] else 'DOES NOT FIT'}", file=out)  # fmt: skip
+    print(f"  {r['tokens_per_step']:,} tokens/step, {r['flops_per_step']:.3e} FLOPs/step "
+          f"(model {r['model_flops_per_step']:.3e})", file=out)  # fmt: skip
+    if r["step_seconds_at_peak"]:
+        print(f"  ≥ {r['step_seconds_at_peak']:.2f} s/step at peak FLOP/s", file=out)
+    if r["compiler_seconds_estimate"]:
+        print(f"  compiler estimate {r['compiler_seconds_estimate']:.2f} s/step", file=out)

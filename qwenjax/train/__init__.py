@@ -1,0 +1,1 @@
+"""Fine-tuning: data pipeline, loss, optimizer, train step, loop, checkpoints, metrics."""

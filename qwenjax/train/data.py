@@ -1,0 +1,217 @@
+"""The training data pipeline: JSON records -> token ids and loss masks -> packed batches.
+
+Stages, all grain datasets so that the whole pipeline checkpoints through `get_state()`:
+
+1. records: the lines of JSONL files (or ArrayRecord records), one JSON document each, either
+   `{"text": ...}` or `{"messages": [...], "tools": [...]}` (detected per record);
+2. this host's share (`records[process_index::process_count]`), a global shuffle by `seed` that is
+   reseeded every epoch, and the epochs (or endless repetition);
+3. tokenisation: text documents end with `<|endoftext|>`; chat documents are rendered in the
+   built-in Qwen3.6 format and masked to the assistant turns (`qwenjax.chat.render_with_spans`);
+4. documents longer than `seq_len` are split into `seq_len`-token pieces, each packed as its own
+   document (positions restart at 0, and the first token of each piece is not a target, since
+   its predecessor is in another row);
+5. first-fit packing into `seq_len` rows (grain's `FirstFitPackIterDataset`), which gives each
+   document a segment id (1, 2, ... within a row; 0 is padding) and positions from 0, and never
+   splits a document across rows; with `pack=False` each row holds one document;
+6. batches of `batch_size` rows.
+
+`loss_mask[b, t]` is 1 when token t is a target, i.e. when predicting it from token t-1 counts:
+it is 0 at the first token of every document and on padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Sequence
+from typing import Literal
+
+import grain
+import numpy as np
+
+from qwenjax import chat
+from qwenjax.tokenizer import Tokenizer
+from qwenjax.train.sources import open_records
+
+FEATURES = ("input_ids", "segment_ids", "positions", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to read and how to batch it.
+
+    Attributes:
+        paths: Files or glob patterns: JSONL, or ArrayRecord (`.array_record`) of JSON documents.
+        seq_len: Tokens per row.
+        batch_size: Rows per batch on this host; the global batch is batch_size × process_count.
+        seed: Seed of the record shuffle and of the row order within a packed batch.
+        shuffle: Shuffle records (reshuffled every epoch) and packed rows.
+        num_epochs: Passes over the data; None repeats forever (stop by step count; the way to
+            keep hosts in step, since hosts' shares pack into different numbers of rows).
+        pack: Pack several documents per row; False gives one (padded) document per row.
+        format: "auto" detects each record ({"text"} or {"messages"}); "text" or "chat" requires
+            every record to be of that kind.
+        loss_on: "assistant" trains chat documents on the assistant turns only; "all" trains on
+            every token. Text documents always train on every token.
+        preserve_thinking: Render chat documents with every assistant turn's reasoning (and train
+            on all of those turns), as the `preserve_thinking` chat-template flag does.
+        drop_remainder: Drop a last incomplete batch; otherwise it is filled with padding rows.
+    """
+
+    paths: str | Sequence[str]
+    seq_len: int = 2048
+    batch_size: int = 8
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = 1
+    pack: bool = True
+    format: Literal["auto", "text", "chat"] = "auto"
+    loss_on: Literal["assistant", "all"] = "assistant"
+    preserve_thinking: bool = False
+    drop_remainder: bool = True
+
+    def __post_init__(self):
+        if self.seq_len < 2 or self.batch_size < 1:
+            raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {self}")
+        if self.format not in ("auto", "text", "chat"):
+            raise ValueError(f"format must be 'auto', 'text' or 'chat', got {self.format!r}")
+        if self.loss_on not in ("assistant", "all"):
+            raise ValueError(f"loss_on must be 'assistant' or 'all', got {self.loss_on!r}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"num_epochs must be None or >= 1, got {self.num_epochs}")
+
+
+class Tokenize(grain.transforms.Map):
+    """A raw JSON record -> {"input_ids", "loss_mask"} int32 arrays of one document."""
+
+    def __init__(self, tokenizer: Tokenizer, config: DataConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.end_of_text = tokenizer.token_to_id("<|endoftext|>")
+        template = tokenizer.chat_template
+        # A checkpoint template other than the built-in one is cross-checked on every record: the
+        # loss masks come from the built-in renderer and are only right if the texts agree.
+        self.check_template = template is not None and template != chat.QWEN3_6_CHAT_TEMPLATE
+
+    def map(self, element: bytes | str | dict) -> dict[str, np.ndarray]:
+        record = element if isinstance(element, dict) else json.loads(element)
+        kind = "chat" if "messages" in record else "text" if "text" in record else None
+        if kind is None:
+            raise ValueError(f"a record needs a 'text' or 'messages' key, got {sorted(record)}")
+        if self.config.format not in ("auto", kind):
+            raise ValueError(f"expected a {self.config.format} record, got keys {sorted(record)}")
+        if kind == "text":
+            ids = self.tokenizer.encode(record["text"])
+            ids += [self.end_of_text] if self.end_of_text is not None else []
+            mask = [1] * len(ids)
+        else:
+            ids, mask = self._chat(record["messages"], record.get("tools"))
+            if self.config.loss_on == "all":
+                mask = [1] * len(ids)
+        if mask:
+            mask[0] = 0  # the first token of a document has no predecessor
+        return {"input_ids": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)}
+
+    def _chat(self, messages: list[dict], tools: list[dict] | None) -> tuple[list[int], list[int]]:
+        preserve = self.config.preserve_thinking
+        text, spans = chat.render_with_spans(messages, tools, preserve_thinking=preserve)
+        if self.check_template:
+            theirs = self.tokenizer.apply_chat_template(
+                messages, tools, add_generation_prompt=False, preserve_thinking=preserve or None
+            )
+            if theirs != text:
+                raise ValueError(
+                    "the checkpoint's chat template renders this conversation differently from "
+                    "the built-in Qwen3.6 format, which SFT loss masks are computed with:\n"
+                    f"built-in: {text!r}\ntemplate: {theirs!r}"
+                )
+        return self.tokenizer.encode_with_mask(text, spans)
+
+
+class SplitLong(grain.experimental.FlatMapTransform):
+    """Splits a document into pieces of at most `seq_len` tokens (none when it is empty)."""
+
+    max_fan_out = 1 << 20
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+
+    def flat_map(self, element: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        pieces = []
+        for start in range(0, len(element["input_ids"]), self.seq_len):
+            piece = {k: v[start : start + self.seq_len] for k, v in element.items()}
+            if start:
+                piece["loss_mask"] = piece["loss_mask"].copy()
+                piece["loss_mask"][0] = 0  # its predecessor is in another row
+            pieces.append(piece)
+        return pieces
+
+
+def _stack_rows(rows: Sequence[dict[str, np.ndarray]], batch_size: int, pad_id: int) -> dict:
+    """Stacks packed rows into a batch, adding padding rows to reach batch_size."""
+    batch = {
+        "input_ids": np.stack([r["input_ids"] for r in rows]),
+        "segment_ids": np.stack([r["input_ids_segment_ids"] for r in rows]),
+        "positions": np.stack([r["input_ids_positions"] for r in rows]),
+        "loss_mask": np.stack([r["loss_mask"] for r in rows]),
+    }
+    missing = batch_size - len(rows)
+    if missing:
+        fill = {"input_ids": pad_id, "segment_ids": 0, "positions": 0, "loss_mask": 0}
+        batch = {
+            k: np.pad(v, ((0, missing), (0, 0)), constant_values=fill[k]) for k, v in batch.items()
+        }
+    return {k: v.astype(np.int32) for k, v in batch.items()}
+
+
+def make_dataset(
+    config: DataConfig,
+    tokenizer: Tokenizer,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """Builds this host's pipeline of packed batches.
+
+    Args:
+        config: Data settings.
+        tokenizer: Tokenizer of the model being trained.
+        process_index: This host's index (`jax.process_index()`).
+        process_count: Number of hosts (`jax.process_count()`); each gets every
+            `process_count`-th record, so hosts see disjoint records.
+
+    Returns:
+        A grain IterDataset; `iter(ds)` yields dicts of int32 numpy arrays
+        `input_ids, segment_ids, positions, loss_mask`, each [batch_size, seq_len], and the
+        iterator's `get_state()` / `set_state()` resume it exactly.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    records = open_records(config.paths)[process_index::process_count]
+    if len(records) == 0:
+        raise ValueError(
+            f"no records for process {process_index} of {process_count} in {config.paths}"
+        )
+    if config.shuffle:
+        records = records.shuffle(seed=config.seed)
+    docs = records.repeat(config.num_epochs).map(Tokenize(tokenizer, config)).to_iter_dataset()
+    docs = grain.experimental.FlatMapIterDataset(docs, SplitLong(config.seq_len))
+    rows = grain.experimental.FirstFitPackIterDataset(
+        docs,
+        length_struct={"input_ids": config.seq_len, "loss_mask": config.seq_len},
+        num_packing_bins=config.batch_size,
+        seed=config.seed,
+        shuffle_bins=config.shuffle,
+        meta_features=("loss_mask",),
+        padding_struct={"input_ids": tokenizer.pad_id, "loss_mask": 0},
+        max_sequences_per_bin=None if config.pack else 1,
+    )
+    return rows.batch(
+        config.batch_size,
+        drop_remainder=config.drop_remainder,
+        batch_fn=functools.partial(
+            _stack_rows, batch_size=config.batch_size, pad_id=tokenizer.pad_id
+        ),
+    )
