@@ -18,7 +18,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -36,12 +36,14 @@ KV_HEADS = "kv_heads"
 HEAD_DIM = "head_dim"
 GDN_CHANNELS = "gdn_channels"  # flat q|k|v channels of the GDN input projection and conv
 GDN_V_HEADS = "gdn_v_heads"
+GDN_K_HEADS = "gdn_k_heads"  # q/k heads of the delta rule (activations only)
 CONV_WIDTH = "conv_width"
 LORA_RANK = "lora_rank"
 
 # ---------------------------------------------------------------------- logical names: activations
 BATCH = "batch"
 LENGTH = "length"
+CACHE_LENGTH = "cache_length"  # slots of a KV cache
 ACT_EMBED = "act_embed"  # D of activations (parameters' D is EMBED, sharded differently)
 HIDDEN = (BATCH, LENGTH, ACT_EMBED)  # the residual stream [B, T, D]
 
@@ -69,8 +71,10 @@ FSDP_RULES: Rules = {
     HEAD_DIM: None,
     GDN_CHANNELS: None,
     GDN_V_HEADS: None,
+    GDN_K_HEADS: None,
     CONV_WIDTH: None,
     LORA_RANK: None,
+    CACHE_LENGTH: None,
 }
 # FSDP over D plus tensor parallelism over heads, FFN width and vocab (Megatron column/row split).
 FSDP_TP_RULES: Rules = {
@@ -81,6 +85,7 @@ FSDP_TP_RULES: Rules = {
     KV_HEADS: TENSOR,
     GDN_CHANNELS: TENSOR,
     GDN_V_HEADS: TENSOR,
+    GDN_K_HEADS: TENSOR,
 }
 RULES: dict[str, Rules] = {"fsdp": FSDP_RULES, "fsdp_tp": FSDP_TP_RULES}
 
@@ -211,6 +216,31 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(names, rules)))
+
+
+def _is_names(x: Any) -> bool:
+    """A logical-names tuple holds str/None; a tuple of such tuples is several outputs."""
+    return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
+
+
+def shard_kernel(
+    fn: Callable[..., Any], args: Sequence[jax.Array], in_names: Sequence, out_names: Any
+) -> Any:
+    """`fn(*args)` run per shard under `jax.shard_map`, each array split by its logical names.
+
+    Kernels (Pallas/Mosaic above all) cannot be partitioned by XLA, so under active rules each
+    device runs `fn` on its own rows and heads; the names must keep every dimension that `fn`
+    mixes (time, head dim) whole. Outside `use_rules` this is just `fn(*args)`.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return fn(*args)
+    mesh, rules = active
+    in_specs = tuple(spec(n, rules) for n in in_names)
+    out_specs = jax.tree.map(lambda n: spec(n, rules), out_names, is_leaf=_is_names)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
+        *args
+    )
 
 
 def constrain_tree(tree: Any) -> Any:

@@ -6,6 +6,8 @@ import os
 
 # Must be set before anything imports jax: 8 CPU devices for the sharding tests, and no LLVM
 # optimisation of the compiled code (tests are compile-bound on tiny models: ~3× faster).
+# JAX_PLATFORMS=cpu: libtpu is installed for `qwenjax plan`, and must not try to open a TPU.
+os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 )

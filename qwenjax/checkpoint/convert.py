@@ -16,12 +16,14 @@ import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwenjax import sharding
 from qwenjax.api import build
 from qwenjax.checkpoint import orbax_io
 from qwenjax.checkpoint.hf_io import (
@@ -322,30 +324,61 @@ def _merge(config: ModelConfig, compute: np.dtype, arrays: dict[tuple, jax.Array
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def load(path: str | os.PathLike, *, dtype: jnp.dtype | str | None = None) -> Qwen35:
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: jnp.dtype | str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
+) -> Qwen35:
     """A model from a HF checkpoint directory or one of ours (told apart by `qwenjax.json`).
 
-    Parameters are read and placed on the default device one at a time, so host memory peaks
-    at the model plus about one parameter. (A single orbax restore of the whole tree measured
-    ~1.3× the model on the host.) `dtype=None` keeps the checkpoint's parameter dtypes and
-    computes in the embedding's dtype; a dtype casts every parameter and is the compute dtype.
+    Parameters are read one at a time and placed as they arrive, so host memory peaks at the
+    model's share on this host plus about one parameter. (A single orbax restore of the whole
+    tree measured ~1.3× the model on the host.) `dtype=None` keeps the checkpoint's parameter
+    dtypes and computes in the embedding's dtype; a dtype casts every parameter and is the
+    compute dtype.
+
+    With `mesh` (and `rules`, default `sharding.RULES["fsdp"]`), each parameter goes straight to
+    its shards by the logical rules: no device ever holds an unsharded copy, and on a multi-host
+    mesh each host transfers only the shards of its own devices. Without, every parameter goes
+    to this process's first device.
 
     Raises:
       CheckpointError: an incomplete, corrupt or mismatched checkpoint (names what is wrong).
+      ValueError: a mesh that does not divide the model (every offending dimension listed).
     """
     path = Path(path)
     target = _float_dtype(dtype)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if _kind(path) == "qwenjax":
         config, entries, _ = _open_qwenjax(path)
-        arrays = {
-            p: jax.device_put(leaf if target is None else leaf.astype(target), device)
+        leaves = (
+            (p, leaf if target is None else leaf.astype(target))
             for p, leaf in orbax_io.iter_leaves(path, [e.path for e in entries])
-        }
+        )
     else:
         reader, config, entries = _open_hf(path)
         off = Progress("load", 0, 0, enabled=False)
-        arrays = {
-            e.path: jax.device_put(_read_leaf(reader, e, target, off), device) for e in entries
-        }
+        leaves = ((e.path, _read_leaf(reader, e, target, off)) for e in entries)
+    place = _placer(config, mesh, rules)
+    arrays = {p: place(p, leaf) for p, leaf in leaves}
     return _merge(config, target or arrays[("embed_tokens",)].dtype, arrays)
+
+
+def _placer(config: ModelConfig, mesh: jax.sharding.Mesh | None, rules: Any):
+    """`(path, numpy leaf) -> jax.Array` on one device, or sharded over `mesh` by `rules`."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return lambda path, leaf: jax.device_put(leaf, device)
+    rules = sharding.RULES["fsdp"] if rules is None else rules
+    abstract = nnx.state(build(config, abstract=True))
+    by_path = {
+        tuple(p): v.get_value()
+        for p, v in nnx.to_flat_state(sharding.param_shardings(abstract, mesh, rules))
+    }
+
+    def place(path, leaf):
+        # Each process fills only its addressable shards from its host copy of the leaf.
+        return jax.make_array_from_callback(leaf.shape, by_path[tuple(path)], lambda i: leaf[i])
+
+    return place

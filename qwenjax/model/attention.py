@@ -16,10 +16,16 @@ from flax import nnx
 from qwenjax import sharding as ax
 from qwenjax.config import ModelConfig
 from qwenjax.kernels.attention import attention
+from qwenjax.model.cache import KV_CACHE, KVCache, write_rows
 from qwenjax.model.context import Context
 from qwenjax.model.norms import RMSNorm
 from qwenjax.model.params import LoRAConfig, dense, lora, normal_002, param
 from qwenjax.model.rope import apply_rope
+
+# Logical names of the attention kernel's operands: rows and heads split, time and head dim whole.
+Q = (ax.BATCH, None, ax.Q_HEADS, None)  # [B, T, N, H]
+KV = (ax.BATCH, None, ax.KV_HEADS, None)  # [B, S, K, H]
+POS = (ax.BATCH, None)  # [B, T]
 
 
 class GatedAttention(nnx.Module):
@@ -50,21 +56,48 @@ class GatedAttention(nnx.Module):
         self.q_norm = RMSNorm(h, config.rms_norm_eps, axis_name=ax.HEAD_DIM, dtype=param_dtype, rngs=rngs)  # fmt: skip
         self.k_norm = RMSNorm(h, config.rms_norm_eps, axis_name=ax.HEAD_DIM, dtype=param_dtype, rngs=rngs)  # fmt: skip
 
-    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
+    def _qkv(self, x: jax.Array, ctx: Context) -> tuple[jax.Array, ...]:
         qg = dense("btd,dnh->btnh", x, self.q_proj, self.q_proj_lora, self.dtype)  # [B, T, N, 2H]
         q, gate = jnp.split(qg, 2, axis=-1)  # [B, T, N, H] each
         k = dense("btd,dkh->btkh", x, self.k_proj, self.k_proj_lora, self.dtype)  # [B, T, K, H]
         v = dense("btd,dkh->btkh", x, self.v_proj, self.v_proj_lora, self.dtype)
         q = apply_rope(self.q_norm(q), ctx.cos, ctx.sin)
         k = apply_rope(self.k_norm(k), ctx.cos, ctx.sin)
-        o = attention(
-            q,
-            k,
-            v,
-            q_positions=ctx.token_index,
-            kv_positions=ctx.token_index,
-            q_segment_ids=ctx.segment_ids,
-            kv_segment_ids=ctx.segment_ids,
-        )  # [B, T, N, H]
+        return q, gate, k, v
+
+    def _out(self, o: jax.Array, gate: jax.Array) -> jax.Array:
         o = o * jax.nn.sigmoid(gate)
         return dense("btnh,nhd->btd", o, self.o_proj, self.o_proj_lora, self.dtype)
+
+    def extend(self, x: jax.Array, ctx: Context, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Tokens at cache slots `ctx.token_index` (consecutive per row): write, then attend.
+
+        Every token's K/V is written (the cache length is the caller's bookkeeping); a query at
+        slot p reads slots ≤ p, all written by earlier kept tokens or by this call.
+        """
+        q, gate, k, v = self._qkv(x, ctx)
+        start = ctx.token_index[:, 0]
+        cache = KVCache(k=write_rows(cache.k, k, start), v=write_rows(cache.v, v, start))
+        cache = KVCache(k=ax.constrain(cache.k, KV_CACHE), v=ax.constrain(cache.v, KV_CACHE))
+        b, s = cache.k.shape[:2]
+        kv_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+        o = ax.shard_kernel(
+            lambda q, k, v, qp, kp: attention(q, k, v, q_positions=qp, kv_positions=kp),
+            (q, cache.k, cache.v, ctx.token_index, kv_positions),
+            (Q, KV, KV, POS, POS),
+            Q,
+        )  # [B, T, N, H]
+        return self._out(o, gate), cache
+
+    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
+        q, gate, k, v = self._qkv(x, ctx)
+        pos, seg = ctx.token_index, ctx.segment_ids
+        o = ax.shard_kernel(
+            lambda q, k, v, pos, seg: attention(
+                q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg
+            ),
+            (q, k, v, pos, seg),
+            (Q, KV, KV, POS, POS),
+            Q,
+        )  # [B, T, N, H]
+        return self._out(o, gate)

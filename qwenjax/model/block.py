@@ -6,12 +6,15 @@ x = x + mlp(post_attention_layernorm(x))
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 from flax import nnx
 
 from qwenjax import sharding as ax
 from qwenjax.config import FULL_ATTENTION, ModelConfig
 from qwenjax.model.attention import GatedAttention
+from qwenjax.model.cache import LayerCache
 from qwenjax.model.context import Context
 from qwenjax.model.deltanet import GatedDeltaNet
 from qwenjax.model.mlp import MLP
@@ -42,6 +45,13 @@ class DecoderLayer(nnx.Module):
         x = x + self.mixer(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def extend(self, x: jax.Array, ctx: Context, cache: LayerCache) -> tuple[jax.Array, Any, Any]:
+        """`__call__` continuing from `cache`: (x, new cache, pending GDN inputs or None)."""
+        out = self.mixer.extend(self.input_layernorm(x), ctx, cache)
+        y, cache, pending = out if len(out) == 3 else (*out, None)
+        x = x + y
+        return x + self.mlp(self.post_attention_layernorm(x)), cache, pending
+
 
 class HybridBlock(nnx.Module):
     """One period of `layer_types` (3 × GDN then 1 × attention for Qwen3.5/3.6): the scan unit."""
@@ -55,3 +65,11 @@ class HybridBlock(nnx.Module):
         for layer in self.layers:
             x = layer(x, ctx)
         return x
+
+    def extend(self, x: jax.Array, ctx: Context, caches: tuple) -> tuple[jax.Array, tuple, tuple]:
+        new, pending = [], []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x, cache, p = layer.extend(x, ctx, cache)
+            new.append(cache)
+            pending.append(p)
+        return x, tuple(new), tuple(pending)

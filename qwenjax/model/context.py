@@ -17,9 +17,19 @@ class Context:
       may repeat, e.g. for image tokens, so they cannot order the tokens).
     segment_ids: `[B, T]` document ids of packed rows; attention stays inside a document and the
       GDN state and conv restart at each boundary.
+    num_valid: `[B]` when extending a cache: the first `num_valid[b]` tokens of row b are real and
+      go into its state; the rest (padding, drafts awaiting verification) leave the GDN and conv
+      states untouched. token_index is then each token's cache slot.
     """
 
     cos: jax.Array
     sin: jax.Array
     token_index: jax.Array
     segment_ids: jax.Array
+    num_valid: jax.Array | None = None
+
+    @property
+    def valid(self) -> jax.Array:
+        """`[B, T]` bool: token t of row b is one of its `num_valid[b]` real tokens."""
+        t = self.token_index.shape[1]
+        return jax.numpy.arange(t)[None, :] < self.num_valid[:, None]

@@ -11,6 +11,8 @@ Letters: K key heads, N value heads, E key dim, H value dim, C conv channels, W 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +21,21 @@ from flax import nnx
 from qwenjax import sharding as ax
 from qwenjax.config import ModelConfig
 from qwenjax.kernels.causal_conv import causal_conv1d
-from qwenjax.kernels.gated_delta_rule import gated_delta_rule
+from qwenjax.kernels.gated_delta_rule import gated_delta_rule, gated_delta_step
+from qwenjax.model.cache import CONV_STATE, GDN_STATE, DeltaNetCache, read_rows
 from qwenjax.model.context import Context
 from qwenjax.model.norms import GatedRMSNorm, upcast
 from qwenjax.model.params import LoRAConfig, dense, lora, normal_002, ones, param
+
+# Logical names of the delta rule's operands: rows and heads split, time and head dims whole.
+QK = (ax.BATCH, None, ax.GDN_K_HEADS, None)  # [B, T, K, E]
+V = (ax.BATCH, None, ax.GDN_V_HEADS, None)  # [B, T, N, H]
+G = (ax.BATCH, None, ax.GDN_V_HEADS)  # [B, T, N]
+STATE = GDN_STATE  # [B, N, E, H]
+
+# Below this many new tokens, extending a cache runs the token-serial rule (draft verification);
+# the chunked form pads to whole 64-token chunks.
+CHUNKED_MIN_TOKENS = 64
 
 
 def a_log_init(key: jax.Array, shape, dtype) -> jax.Array:
@@ -58,24 +71,109 @@ class GatedDeltaNet(nnx.Module):
         self.in_proj_z_lora = lora(self.in_proj_z, 1, lora_config, rngs)
         self.out_proj_lora = lora(self.out_proj, 2, lora_config, rngs)
 
-    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
-        cfg = self.config
-        b, t, _ = x.shape
+    def _inputs(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """Pre-conv channels m `[B, T, C]`, gate z `[B, T, N, H]`, β and g `[B, T, N]`."""
         cast = lambda p: p[...].astype(self.dtype)
-        # m: [B, T, C]
         m = dense("btd,dc->btc", x, self.in_proj_qkv, self.in_proj_qkv_lora, self.dtype)
-        m, _ = causal_conv1d(m, cast(self.conv1d), segment_ids=ctx.segment_ids)
-        m = jax.nn.silu(m)
-        splits = np.cumsum([cfg.linear_key_dim, cfg.linear_key_dim])
-        q, k, v = jnp.split(m, splits, axis=-1)
-        q = q.reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)  # [B, T, K, E]
-        k = k.reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
-        v = v.reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)  # [B, T, N, H]
         z = dense("btd,dnh->btnh", x, self.in_proj_z, self.in_proj_z_lora, self.dtype)
         beta = jax.nn.sigmoid(jnp.einsum("btd,dn->btn", x, cast(self.in_proj_b)))
         a = upcast(jnp.einsum("btd,dn->btn", x, cast(self.in_proj_a)))
         # g in fp32: a bf16 exp(A_log) times a softplus near 0 would lose the slow decays.
         g = -jnp.exp(upcast(self.A_log[...])) * jax.nn.softplus(a + upcast(self.dt_bias[...]))
-        o, _ = gated_delta_rule(q, k, v, g, beta, segment_ids=ctx.segment_ids)
-        y = self.norm(o.astype(x.dtype), z)  # [B, T, N, H]
+        return m, z, beta, g
+
+    def _split(self, m: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Post-conv channels `[B, T, C]` → q, k `[B, T, K, E]` and v `[B, T, N, H]`."""
+        cfg = self.config
+        b, t, _ = m.shape
+        q, k, v = jnp.split(jax.nn.silu(m), np.cumsum([cfg.linear_key_dim] * 2), axis=-1)
+        q = q.reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
+        k = k.reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
+        v = v.reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
+        return q, k, v
+
+    def _out(self, o: jax.Array, z: jax.Array, dtype) -> jax.Array:
+        y = self.norm(o.astype(dtype), z)  # [B, T, N, H]
         return dense("btnh,nhd->btd", y, self.out_proj, self.out_proj_lora, self.dtype)
+
+    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
+        m, z, beta, g = self._inputs(x)
+        m, _ = causal_conv1d(m, self.conv1d[...].astype(self.dtype), segment_ids=ctx.segment_ids)
+        q, k, v = self._split(m)
+        o, _ = ax.shard_kernel(
+            lambda q, k, v, g, beta, seg: gated_delta_rule(q, k, v, g, beta, segment_ids=seg),
+            (q, k, v, g, beta, ctx.segment_ids),
+            (QK, QK, V, G, G, (ax.BATCH, None)),
+            (V, STATE),
+        )
+        return self._out(o, z, x.dtype)
+
+    def extend(
+        self, x: jax.Array, ctx: Context, cache: DeltaNetCache
+    ) -> tuple[jax.Array, DeltaNetCache, DeltaNetPending]:
+        """Continue from `cache` with `x [B, T, D]`; only the first `ctx.num_valid` tokens of
+        each row advance the states (β = g = 0 leaves the state as it is, exactly).
+
+        Also returns what `commit_pending` needs to redo the state update for fewer tokens.
+        """
+        m, z, beta, g = self._inputs(x)
+        mc, _ = causal_conv1d(m, self.conv1d[...].astype(self.dtype), state=cache.conv)
+        q, k, v = self._split(mc)
+        pending = DeltaNetPending(m=m, k=k, v=v, g=g, beta=beta)
+        o, state = _advance(q, pending, cache, ctx.valid)
+        new = DeltaNetCache(
+            conv=ax.constrain(_advance_conv(cache.conv, m, ctx.num_valid), CONV_STATE),
+            state=ax.constrain(state, GDN_STATE),
+        )
+        return self._out(o, z, x.dtype), new, pending
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DeltaNetPending:
+    """One extend call's per-token inputs to the state update (for speculative rollback)."""
+
+    m: jax.Array  # [B, T, C] pre-conv channels
+    k: jax.Array  # [B, T, K, E]
+    v: jax.Array  # [B, T, N, H]
+    g: jax.Array  # [B, T, N]
+    beta: jax.Array  # [B, T, N]
+
+
+def _rule_from(q, k, v, g, beta, state) -> tuple[jax.Array, jax.Array]:
+    if q.shape[1] == 1:  # decoding: the single-token recurrence, not a padded chunk
+        o, state = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state)
+        return o[:, None], state
+    # A few tokens (draft verification) run token-serially; a prompt runs in chunks.
+    backend = "reference" if q.shape[1] < CHUNKED_MIN_TOKENS else "auto"
+    return gated_delta_rule(q, k, v, g, beta, initial_state=state, backend=backend)
+
+
+def _advance(
+    q: jax.Array, p: DeltaNetPending, cache: DeltaNetCache, valid: jax.Array, shard: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """Outputs `[B, T, N, H]` and the state after each row's valid tokens."""
+    g = jnp.where(valid[..., None], p.g, 0.0)
+    beta = jnp.where(valid[..., None], p.beta, 0.0)
+    args = (q, p.k, p.v, g, beta, cache.state)
+    if not shard:
+        return _rule_from(*args)
+    return ax.shard_kernel(_rule_from, args, (QK, QK, V, G, G, STATE), (V, STATE))
+
+
+def _advance_conv(conv: jax.Array, m: jax.Array, num_valid: jax.Array) -> jax.Array:
+    """The last W−1 pre-conv inputs after each row's valid tokens: `[B, W−1, C]`."""
+    full = jnp.concatenate([conv, m.astype(conv.dtype)], axis=1)  # [B, W-1+T, C]
+    return read_rows(full, num_valid, conv.shape[1])
+
+
+def commit_pending(
+    cache: DeltaNetCache, pending: DeltaNetPending, num_valid: jax.Array
+) -> DeltaNetCache:
+    """The state after only the first `num_valid[b]` tokens of an extend call (no parameters
+    needed: the pending inputs are post-projection and post-conv)."""
+    t = pending.g.shape[1]
+    valid = jnp.arange(t)[None, :] < num_valid[:, None]
+    # Elementwise-cheap and called under vmap over blocks: left to XLA's partitioner.
+    _, state = _advance(pending.k, pending, cache, valid, shard=False)
+    return DeltaNetCache(conv=_advance_conv(cache.conv, pending.m, num_valid), state=state)

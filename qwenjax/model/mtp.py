@@ -16,6 +16,7 @@ from flax import nnx
 from qwenjax import sharding as ax
 from qwenjax.config import FULL_ATTENTION, ModelConfig
 from qwenjax.model.block import DecoderLayer
+from qwenjax.model.cache import KVCache
 from qwenjax.model.context import Context
 from qwenjax.model.norms import RMSNorm
 from qwenjax.model.params import LoRAConfig, normal_002, param
@@ -47,10 +48,19 @@ class MTPHead(nnx.Module):
         )
         self.norm = norm()
 
-    def __call__(self, hidden: jax.Array, next_embeds: jax.Array, ctx: Context) -> jax.Array:
-        """`hidden [B, T, D]` (trunk, after its final norm), `next_embeds [B, T, D]` = E[x_{i+1}]."""
+    def _fuse(self, hidden: jax.Array, next_embeds: jax.Array) -> jax.Array:
         u = jnp.concatenate(
             [self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], axis=-1
         )  # [B, T, 2D]
-        u = jnp.einsum("bte,ed->btd", u, self.fc[...].astype(self.dtype))
-        return self.norm(self.layer(u, ctx))
+        return jnp.einsum("bte,ed->btd", u, self.fc[...].astype(self.dtype))
+
+    def __call__(self, hidden: jax.Array, next_embeds: jax.Array, ctx: Context) -> jax.Array:
+        """`hidden [B, T, D]` (trunk, after its final norm), `next_embeds [B, T, D]` = E[x_{i+1}]."""
+        return self.norm(self.layer(self._fuse(hidden, next_embeds), ctx))
+
+    def extend(
+        self, hidden: jax.Array, next_embeds: jax.Array, ctx: Context, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """`__call__` with the MTP layer's own KV cache (slot i holds index i's keys)."""
+        y, cache, _ = self.layer.extend(self._fuse(hidden, next_embeds), ctx, cache)
+        return self.norm(y), cache

@@ -12,6 +12,8 @@ block is rematerialised in the backward pass as `remat` says (see `REMAT_POLICIE
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,6 +21,7 @@ from flax import nnx
 from qwenjax import sharding as ax
 from qwenjax.config import ModelConfig
 from qwenjax.model.block import HybridBlock
+from qwenjax.model.cache import Cache, KVCache
 from qwenjax.model.context import Context
 from qwenjax.model.mtp import MTPHead
 from qwenjax.model.norms import RMSNorm
@@ -168,6 +171,58 @@ class Qwen35(nnx.Module):
             raise ValueError("this model has no MTP head (mtp_num_hidden_layers = 0)")
         ctx = self.context(next_ids, positions, segment_ids)
         return ax.constrain(self.mtp(hidden, self.embed(next_ids), ctx), ax.HIDDEN)
+
+    # ------------------------------------------------------------------ decoding
+    def cache_context(
+        self, input_ids: jax.Array, start: jax.Array, num_valid: jax.Array | None = None
+    ) -> Context:
+        """Context for `input_ids [B, T]` going to cache slots `start[b] + t` (= positions)."""
+        b, t = input_ids.shape
+        slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+        cos, sin = rope_tables(self.config, slots, self.dtype)
+        num_valid = jnp.full((b,), t, jnp.int32) if num_valid is None else num_valid
+        zeros = jnp.zeros((b, t), jnp.int32)
+        return Context(cos=cos, sin=sin, token_index=slots, segment_ids=zeros, num_valid=num_valid)
+
+    def extend(
+        self,
+        input_ids: jax.Array,
+        cache: Cache,
+        num_valid: jax.Array | None = None,
+        *,
+        keep_pending: bool = False,
+    ) -> tuple[jax.Array, Cache, Any]:
+        """Run `input_ids [B, T]` after the tokens `cache` holds (prefill, decode, verification).
+
+        Row b's first `num_valid[b]` tokens (default all) are kept: they advance the GDN and
+        conv states and the cache length; the rest are padding whose outputs are meaningless.
+
+        Returns:
+          (final-normed hidden `[B, T, D]`, the new cache, and with `keep_pending` the GDN
+          inputs `commit` needs to keep fewer tokens — else None).
+        """
+        ctx = self.cache_context(input_ids, cache.length, num_valid)
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(x, xs):
+            block_state, block_cache = xs
+            x, new, pending = nnx.merge(graphdef, block_state).extend(x, ctx, block_cache)
+            return ax.constrain(x, ax.HIDDEN), (new, pending if keep_pending else None)
+
+        x, (blocks, pending) = jax.lax.scan(body, self.embed(input_ids), (state, cache.blocks))
+        new = Cache(blocks=blocks, mtp=cache.mtp, length=cache.length + ctx.num_valid)
+        return self.norm(x), new, pending
+
+    def mtp_extend(
+        self, hidden: jax.Array, next_ids: jax.Array, cache: KVCache, start: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
+        """MTP hidden `[B, T, D]` for trunk indices `start[b] + t` (slot = index = position),
+        writing the MTP layer's KV cache; `next_ids[b, t]` is the token after that index."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP head (mtp_num_hidden_layers = 0)")
+        ctx = self.cache_context(next_ids, start)
+        y, cache = self.mtp.extend(hidden, self.embed(next_ids), ctx, cache)
+        return ax.constrain(y, ax.HIDDEN), cache
 
     def __call__(
         self,

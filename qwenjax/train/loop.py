@@ -24,7 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from qwenjax import distributed, sharding
-from qwenjax.api import add_lora, build, merge_lora
+from qwenjax.api import add_lora, build_sharded, merge_lora
 from qwenjax.checkpoint.convert import load, save_hf
 from qwenjax.config import ModelConfig
 from qwenjax.distributed import DistributedConfig
@@ -100,16 +100,18 @@ class RunConfig:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
-def _model(cfg: RunConfig) -> Qwen35:
+def _model(cfg: RunConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> Qwen35:
+    """The model with every parameter already on its shards (never a whole copy on a device)."""
     m = cfg.model
     dtype = jnp.dtype(m.dtype)
     if m.preset is not None:
         config = ModelConfig.from_preset(m.preset)
-        model = build(config, dtype=dtype, param_dtype=jnp.float32, seed=m.seed, remat=m.remat)
+        kw = dict(dtype=dtype, param_dtype=jnp.float32, seed=m.seed, remat=m.remat)
+        model = build_sharded(config, mesh, rules, **kw)
         if m.lora_rank:
             model = add_lora(model, rank=m.lora_rank, alpha=m.lora_alpha, seed=m.seed)
         return model
-    model = load(m.checkpoint, dtype=dtype)
+    model = load(m.checkpoint, dtype=dtype, mesh=mesh, rules=rules)
     model.remat = m.remat
     if m.lora_rank:
         model = add_lora(model, rank=m.lora_rank, alpha=m.lora_alpha, seed=m.seed)
@@ -158,7 +160,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.RULES[cfg.model.rules]
     tokenizer = _tokenizer(cfg)
-    model = _model(cfg)
+    model = _model(cfg, mesh, rules)
     config = model.config
     step_fn = make_train_step(
         model, cfg.optim, mtp_weight=cfg.train.mtp_weight, ce_chunk=cfg.train.ce_chunk

@@ -110,3 +110,36 @@ def test_load_places_parameters_on_one_device(converted):
     model = load(converted("text", "float32"))
     devices = {d for v in params(model).values() for d in v.devices()}
     assert devices == {jax.local_devices()[0]}
+
+
+@pytest.mark.parametrize("source", ["hf", "qwenjax"])
+def test_sharded_load_places_every_parameter_by_the_rules(hf_source, converted, source):
+    from qwenjax import sharding
+
+    _, src = hf_source("text", "float32")
+    path = src if source == "hf" else converted("text", "float32")
+    # The test model's odd sizes (vocab 331, 3 heads) leave only the width to split.
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
+    rules = sharding.RULES["fsdp"]
+    model = load(path, mesh=mesh, rules=rules)
+    expected = {
+        p: v.get_value() for p, v in nnx.to_flat_state(sharding.param_shardings(model, mesh, rules))
+    }
+    single = params(load(path))
+    got = params(model)
+    assert got.keys() == single.keys() == expected.keys()
+    split = 0
+    for path_, value in got.items():
+        assert value.sharding == expected[path_], path_
+        split += value.sharding.shard_shape(value.shape) != value.shape
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(single[path_]))
+    assert split > len(got) // 2  # the mesh really splits most parameters
+
+
+def test_sharded_load_rejects_a_mesh_that_does_not_divide(hf_source):
+    from qwenjax import sharding
+
+    _, src = hf_source("text", "float32")
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1, tensor=8))
+    with pytest.raises(ValueError, match=r"vocab=331 not divisible by tensor=8"):
+        load(src, mesh=mesh, rules=sharding.RULES["fsdp_tp"])

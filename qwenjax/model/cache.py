@@ -1,0 +1,128 @@
+"""Decoding caches: what each layer keeps between forward calls, stacked like the scanned blocks.
+
+Per attention layer, a preallocated KV cache (after k_norm and RoPE) `[B, S, K, H]`; per Gated
+DeltaNet layer, the conv state (the last W−1 pre-conv inputs) `[B, W−1, C]` in the model dtype
+and the recurrent state `[B, N, E, H]` in fp32. `Cache.length [B]` counts the tokens each row
+holds; the next token of row b goes to slot `length[b]`, so rows may be at different lengths.
+
+Slots at or beyond a row's length may hold stale entries (padding of a prefill, rejected draft
+tokens); they are never read, because a query at slot p attends to slots ≤ p only, and every
+slot < p was written by a kept token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qwenjax import sharding as ax
+from qwenjax.config import FULL_ATTENTION, ModelConfig
+
+KV_CACHE = (ax.BATCH, ax.CACHE_LENGTH, ax.KV_HEADS, ax.HEAD_DIM)  # [B, S, K, H]
+CONV_STATE = (ax.BATCH, None, ax.GDN_CHANNELS)  # [B, W-1, C]
+GDN_STATE = (ax.BATCH, ax.GDN_V_HEADS, None, None)  # [B, N, E, H]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: jax.Array  # [B, S, K, H]
+    v: jax.Array  # [B, S, K, H]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DeltaNetCache:
+    conv: jax.Array  # [B, W-1, C] pre-conv inputs, model dtype
+    state: jax.Array  # [B, N, E, H] fp32
+
+
+LayerCache = KVCache | DeltaNetCache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Cache:
+    """The whole model's cache.
+
+    blocks: one entry per layer of `config.block_pattern`, each stacked over the scanned blocks
+      (leading axis `num_blocks`).
+    mtp: the MTP layer's own KV cache (speculative decoding), or None.
+    length: `[B]` int32 tokens held per row.
+    """
+
+    blocks: tuple[LayerCache, ...]
+    mtp: KVCache | None
+    length: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        for layer in self.blocks:
+            if isinstance(layer, KVCache):
+                return layer.k.shape[2]
+        raise ValueError("a cache without attention layers has no length limit")
+
+
+def _kv(config: ModelConfig, batch: int, max_length: int, dtype, lead: tuple[int, ...]) -> KVCache:
+    shape = (*lead, batch, max_length, config.num_key_value_heads, config.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def init_cache(
+    config: ModelConfig, batch: int, max_length: int, dtype=jnp.bfloat16, *, mtp: bool = False
+) -> Cache:
+    """An empty cache for `batch` rows of up to `max_length` tokens (call inside jit to shard)."""
+    nb, c = config.num_blocks, config.conv_dim
+    n, e, h = (
+        config.linear_num_value_heads,
+        config.linear_key_head_dim,
+        config.linear_value_head_dim,
+    )
+    layers = []
+    for kind in config.block_pattern:
+        if kind == FULL_ATTENTION:
+            layers.append(_kv(config, batch, max_length, dtype, (nb,)))
+        else:
+            conv = jnp.zeros((nb, batch, config.linear_conv_kernel_dim - 1, c), dtype)
+            layers.append(
+                DeltaNetCache(conv=conv, state=jnp.zeros((nb, batch, n, e, h), jnp.float32))
+            )
+    return Cache(
+        blocks=tuple(layers),
+        mtp=_kv(config, batch, max_length, dtype, ()) if mtp else None,
+        length=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def logical_axes(cache: Cache) -> Any:
+    """The cache's tree with a logical-axis tuple per leaf (for `sharding` rules)."""
+
+    def kv(c: KVCache, lead):
+        return KVCache(k=(*lead, *KV_CACHE), v=(*lead, *KV_CACHE))
+
+    blocks = tuple(
+        kv(layer, (ax.LAYERS,))
+        if isinstance(layer, KVCache)
+        else DeltaNetCache(conv=(ax.LAYERS, *CONV_STATE), state=(ax.LAYERS, *GDN_STATE))
+        for layer in cache.blocks
+    )
+    return Cache(
+        blocks=blocks,
+        mtp=None if cache.mtp is None else kv(cache.mtp, ()),
+        length=(ax.BATCH,),
+    )
+
+
+def write_rows(buffer: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
+    """`buffer [B, S, ...]` with `update [B, T, ...]` written at slots `start[b]`... per row."""
+    put = lambda buf, upd, s: jax.lax.dynamic_update_slice_in_dim(buf, upd, s, axis=0)
+    return jax.vmap(put)(buffer, update.astype(buffer.dtype), start)
+
+
+def read_rows(buffer: jax.Array, start: jax.Array, size: int) -> jax.Array:
+    """`buffer [B, S, ...]` slots `[start[b], start[b] + size)` per row → `[B, size, ...]`."""
+    take = lambda buf, s: jax.lax.dynamic_slice_in_dim(buf, s, size, axis=0)
+    return jax.vmap(take)(buffer, start)
