@@ -4,7 +4,8 @@
     python benchmarks/generate.py --model qwen3.6-27b --dtype bfloat16 --batch 1 32 \\
         --prompt-len 1024 --new-tokens 256 --speculative-tokens 0 2 --out results.jsonl
 
-Random weights (the shapes are what matter for speed; a 27B bf16 model fits one H100). Each
+Random weights (the shapes are what matter for speed; a 27B bf16 model fits one H100), or
+`--checkpoint DIR` for trained ones (e.g. the demo's, where the MTP head has learned). Each
 configuration compiles once, then runs `--repeats` times; the median is reported. The decode
 roofline is the time to stream the weights once per step at `--bandwidth` GB/s: batch-1 decode
 cannot beat it, so `roofline tok/s = bandwidth / weight bytes` (× batch). Speculative rows also
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenjax.api import build, param_count
+from qwenjax.checkpoint import load
 from qwenjax.config import ModelConfig
 from qwenjax.inference.engine import Engine
 from qwenjax.inference.sampling import SamplingParams
@@ -42,9 +44,13 @@ def _bandwidth(device: jax.Device, given: float | None) -> float | None:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    config = ModelConfig.from_preset(args.model)
     dtype = jnp.dtype(args.dtype)
-    model = jax.jit(lambda: build(config, dtype=dtype, param_dtype=dtype, seed=0))()
+    if args.checkpoint:  # trained weights: the MTP acceptance rate means something
+        model = load(args.checkpoint, dtype=dtype)
+        config = model.config
+    else:
+        config = ModelConfig.from_preset(args.model)
+        model = jax.jit(lambda: build(config, dtype=dtype, param_dtype=dtype, seed=0))()
     weights = param_count(model, include_mtp=False) * dtype.itemsize
     engine = Engine(model)
     device = jax.devices()[0]
@@ -72,7 +78,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     accept = out.acceptance_rate
             new = int(out.lengths.sum()) - batch  # the first token comes from the prefill
             row = {
-                "model": args.model,
+                "model": args.checkpoint or args.model,
                 "dtype": args.dtype,
                 "device": device.device_kind,
                 "batch": batch,
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="tiny", help="a preset: tiny, qwen3.6-27b, ...")
+    p.add_argument("--checkpoint", default=None, help="load this checkpoint instead of a preset")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=128)

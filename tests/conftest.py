@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
 
 # Must be set before anything imports jax: 8 CPU devices for the sharding tests, and no LLVM
 # optimisation of the compiled code (tests are compile-bound on tiny models: ~3× faster).
@@ -38,3 +42,34 @@ def hf_checkpoint(tmp_path_factory):
         return cache[layout, seed]
 
     return get
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start the slow 27B `qwenjax plan` compile at once when its test is selected, so it runs
+    beside the other tests (mostly on the other core), and run that test last."""
+    plan = [item for item in items if item.nodeid.startswith("tests/test_plan.py")]
+    if not plan or config.getoption("collectonly"):
+        return
+    items[:] = [item for item in items if item not in plan] + plan
+    if sys.platform == "linux" and platform.machine() == "x86_64":
+        from tests.test_plan import PlanRun
+
+        _PLAN["run"] = PlanRun(Path(tempfile.mkdtemp(prefix="qwenjax-plan-")))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    run = _PLAN.get("run")
+    if run is not None and run.process.poll() is None:
+        run.process.kill()
+
+
+@pytest.fixture(scope="session")
+def plan_27b(tmp_path_factory):
+    if "run" not in _PLAN:
+        from tests.test_plan import PlanRun
+
+        _PLAN["run"] = PlanRun(tmp_path_factory.mktemp("plan"))
+    return _PLAN["run"]
+
+
+_PLAN: dict = {}  # the background `qwenjax plan` run, started at collection

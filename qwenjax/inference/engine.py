@@ -74,6 +74,28 @@ class Requests:
     in_prompt: jax.Array  # [B, V] bool
     stop_ids: jax.Array  # [B, M] int32, -1 = none
     max_tokens: jax.Array  # [B] int32
+    # Test hook (serving tests script replies through the real loop): output token i of row b is
+    # forced[b, i] where that is ≥ 0. Plain decoding only; all -1 otherwise.
+    forced: jax.Array  # [B, F] int32
+    # A reasoning budget: once a row has made `budget[b, 1]` tokens without token
+    # `budget[b, 0]` (e.g. `</think>`), that token is forced. -1 = no budget. Plain decoding only.
+    budget: jax.Array  # [B, 2] int32
+
+
+def _sample(logits: jax.Array, s: DecodeState, req: Requests) -> tuple[jax.Array, jax.Array]:
+    """`sample`, then the forced tokens of the test hook (with their raw logprobs)."""
+    tok, lp = sample(logits, req.sampling, s.counts, req.in_prompt, s.num_out)
+    f = req.forced.shape[1]
+    at = jnp.take_along_axis(req.forced, jnp.minimum(s.num_out, f - 1)[:, None], 1)[:, 0]
+    forced = (s.num_out < f) & (at >= 0)
+    tok = jnp.where(forced, at, tok)
+    end, limit = req.budget[:, 0], req.budget[:, 1]
+    seen = jnp.take_along_axis(s.counts, jnp.maximum(end, 0)[:, None], 1)[:, 0] > 0
+    over = (end >= 0) & (s.num_out >= limit) & ~seen
+    tok = jnp.where(over, end, tok)
+    raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    lp = jnp.where(forced | over, jnp.take_along_axis(raw, tok[:, None], 1)[:, 0], lp)
+    return tok, lp
 
 
 @jax.tree_util.register_dataclass
@@ -201,7 +223,7 @@ def _prefill(graphdef, params, ids, lengths, req: Requests, *, opts: Options) ->
         steps=jnp.zeros((), jnp.int32),
         real=req.max_tokens > 0,
     )
-    tok, lp = sample(logits, req.sampling, s.counts, req.in_prompt, s.num_out)
+    tok, lp = _sample(logits, s, req)
     top = top_logprobs(logits, slots)
     s = _emit(s, req, tok[:, None], jnp.ones((b,), jnp.int32), lp[:, None], _w1(top), opts)
     if spec:
@@ -225,7 +247,7 @@ def _plain_step(model: Qwen35, s: DecodeState, req: Requests, opts: Options) -> 
     active = (~s.done).astype(jnp.int32)
     hidden, cache, _ = model.extend(s.last[:, None], s.cache, active)
     logits = _last_logits(model, hidden)[:, 0]  # [B, V]
-    tok, lp = sample(logits, req.sampling, s.counts, req.in_prompt, s.num_out)
+    tok, lp = _sample(logits, s, req)
     top = top_logprobs(logits, opts.num_top_logprobs)
     s = dataclasses.replace(s, cache=cache)
     return _emit(s, req, tok[:, None], active, lp[:, None], _w1(top), opts)
@@ -462,6 +484,8 @@ class Engine:
                 in_prompt=self._put(_prompt_mask(rows, v)),
                 stop_ids=self._put(stop_ids),
                 max_tokens=self._put(max_tokens),
+                forced=self._put(np.full((len(rows), 1), -1, np.int32)),
+                budget=self._put(np.full((len(rows), 2), -1, np.int32)),
             )
             state = _prefill(self.graphdef, self.params, ids_d, lengths_d, req, opts=opts)
         return state, req, opts

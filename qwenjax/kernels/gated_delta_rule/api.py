@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import jax
 
+from qwenjax.kernels.gated_delta_rule.pallas_tpu import gated_delta_rule_pallas_tpu
 from qwenjax.kernels.gated_delta_rule.reference import (
     compute_dtype,
     delta_rule_step,
@@ -25,6 +26,7 @@ from qwenjax.kernels.gated_delta_rule.xla import gated_delta_rule_chunked
 _BACKENDS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
     "reference": gated_delta_rule_reference,
     "chunked": gated_delta_rule_chunked,
+    "pallas_tpu": gated_delta_rule_pallas_tpu,
 }
 # Resolution of backend="auto"; the Pallas backends will slot in here per platform.
 _AUTO_BACKEND = "chunked"
@@ -84,7 +86,9 @@ def gated_delta_rule(
       segment_ids: [B, T] ints for packed documents; the state is reset wherever the id changes
         between neighbouring tokens.
       use_qk_l2norm: l2-normalise q and k over dk (in fp32) before use.
-      backend: "reference" (token-serial scan), "chunked" (UT / WY chunks, pure jnp) or "auto".
+      backend: "reference" (token-serial scan), "chunked" (UT / WY chunks, pure jnp),
+        "pallas_tpu" (Pallas TPU forward kernel, interpreted off TPU; backward through the
+        chunked path for now) or "auto" (currently "chunked" on every platform).
 
     Returns:
       (out [B, T, Hv, dv] in v.dtype, final state [B, Hv, dk, dv] fp32, or

@@ -1,0 +1,637 @@
+"""Continuous batching: a fixed set of decode slots on the device, requests come and go.
+
+Every slot is one row of the engine's `DecodeState` (KV cache row, GDN conv/recurrent state row,
+output buffer, sampling options). A background thread runs the device loop:
+
+    admit      waiting requests take free slots (their row is reset, their options written)
+    prefill    one chunk of one prefilling request (chunks of `prefill_chunk` tokens, so a long
+               prompt never stalls the running streams for long); its last chunk samples the
+               first token
+    decode     one step for every decoding slot (the engine's jitted step, MTP speculation if on)
+    publish    new tokens of each slot go to its request's event stream
+
+Finished and cancelled requests free their slot at once. Shapes never depend on the requests
+(prefill chunks are bucketed to powers of two), so nothing recompiles while serving. A row's
+computation does not depend on the other rows, so greedy output equals offline `generate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import functools
+import itertools
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenjax.inference.engine import (
+    DecodeState,
+    Options,
+    Requests,
+    _decode,
+    _emit,
+    _host,
+)
+from qwenjax.inference.sampling import SamplingBatch, SamplingParams, sample, top_logprobs
+from qwenjax.model import Qwen35
+from qwenjax.model.cache import Cache, DeltaNetCache, KVCache, init_cache
+
+MAX_STOP_IDS = 16  # stop token ids per request (EOS ids included)
+MAX_FORCED = 512  # length of the forced-token test hook
+MAX_TOP_LOGPROBS = 20
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit (the HTTP layer answers 429 / 529)."""
+
+
+@dataclasses.dataclass
+class Event:
+    """One increment of a request's output."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+    finish_reason: str | None  # None while running; "stop", "length" or "abort" at the end
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Handle:
+    """A submitted request: iterate its events (sync or async); `cancel()` frees its slot."""
+
+    def __init__(
+        self, request_id: str, scheduler: Scheduler, loop: asyncio.AbstractEventLoop | None
+    ):
+        self.id = request_id
+        self._scheduler = scheduler
+        self._loop = loop
+        self._sync: queue.Queue[Event] = queue.Queue()
+        self._async: asyncio.Queue[Event] | None = asyncio.Queue() if loop else None
+        self.cancelled = False
+        self.finished = False
+
+    def _put(self, event: Event) -> None:
+        if self._async is not None and self._loop is not None:
+            # RuntimeError: the client's loop is gone, so nobody is listening.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+        else:
+            self._sync.put(event)
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.cancelled = True
+            self._scheduler._wake()
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            event = self._sync.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        if self._async is None:
+            raise RuntimeError("submitted outside an event loop: iterate it with a plain for loop")
+        while True:
+            event = await self._async.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+
+@dataclasses.dataclass
+class _Slot:
+    handle: Handle
+    prompt: list[int]
+    params: SamplingParams
+    prefilled: int = 0  # prompt tokens already in the cache
+    delivered: int = 0  # output tokens already published
+    started: float = 0.0
+    forced: list[int] = dataclasses.field(default_factory=list)  # the test hook's script
+    budget: tuple[int, int] | None = None  # (end-of-reasoning token, reasoning token budget)
+
+
+# ------------------------------------------------------------------------------ device functions
+def _take(x: jax.Array, slot: jax.Array, axis: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=axis)
+
+
+def _put(x: jax.Array, row: jax.Array, slot: jax.Array, axis: int) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(x, row.astype(x.dtype), slot, axis=axis)
+
+
+def _cache_row(cache: Cache, slot) -> Cache:
+    """The batch-1 cache of one slot (blocks are `[NB, B, ...]`, the rest `[B, ...]`)."""
+    return Cache(
+        blocks=jax.tree.map(lambda x: _take(x, slot, 1), cache.blocks),
+        mtp=None if cache.mtp is None else jax.tree.map(lambda x: _take(x, slot, 0), cache.mtp),
+        length=_take(cache.length, slot, 0),
+    )
+
+
+def _set_cache_row(cache: Cache, slot, row: Cache) -> Cache:
+    return Cache(
+        blocks=jax.tree.map(lambda x, r: _put(x, r, slot, 1), cache.blocks, row.blocks),
+        mtp=None
+        if cache.mtp is None
+        else jax.tree.map(lambda x, r: _put(x, r, slot, 0), cache.mtp, row.mtp),
+        length=_put(cache.length, row.length, slot, 0),
+    )
+
+
+def _empty_row(row: Cache) -> Cache:
+    """A slot's cache as if new: zero states and length (stale KV entries are never read)."""
+    blocks = tuple(
+        layer
+        if isinstance(layer, KVCache)
+        else DeltaNetCache(conv=jnp.zeros_like(layer.conv), state=jnp.zeros_like(layer.state))
+        for layer in row.blocks
+    )
+    return Cache(blocks=blocks, mtp=row.mtp, length=jnp.zeros_like(row.length))
+
+
+@functools.partial(jax.jit, donate_argnames=("s", "req"))
+def _admit(s: DecodeState, req: Requests, slot, row_req: Requests) -> tuple[DecodeState, Requests]:
+    """Reset slot `slot` and give it a new request's options."""
+    req = jax.tree.map(lambda x, r: _put(x, r, slot, 0), req, row_req)
+    cache = _set_cache_row(s.cache, slot, _empty_row(_cache_row(s.cache, slot)))
+    zero = lambda x: _put(x, jnp.zeros_like(_take(x, slot, 0)), slot, 0)
+    s = dataclasses.replace(
+        s,
+        cache=cache,
+        num_out=zero(s.num_out),
+        # Done until its prefill samples the first token: the decode step must skip the row.
+        done=_put(s.done, jnp.ones((1,), bool), slot, 0),
+        stopped=zero(s.stopped),
+        counts=zero(s.counts),
+        drafted=zero(s.drafted),
+        accepted=zero(s.accepted),
+        real=_put(s.real, jnp.ones((1,), bool), slot, 0),
+    )
+    return s, req
+
+
+@functools.partial(jax.jit, donate_argnames=("s",))
+def _release(s: DecodeState, slot) -> DecodeState:
+    """Stop slot `slot` (finished or cancelled): the decode step skips done rows."""
+    return dataclasses.replace(
+        s,
+        done=_put(s.done, jnp.ones((1,), bool), slot, 0),
+        real=_put(s.real, jnp.zeros((1,), bool), slot, 0),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "last"), donate_argnames=("s",))
+def _prefill_chunk(
+    graphdef, params, s: DecodeState, req: Requests, slot, ids, num_valid, next_ids, *, opts, last
+) -> DecodeState:
+    """Extend slot `slot` by `ids [1, C]` (first `num_valid` real); the last chunk samples."""
+    model: Qwen35 = nnx.merge(graphdef, params)
+    row = _cache_row(s.cache, slot)
+    start = row.length
+    hidden, row, _ = model.extend(ids, row, num_valid[None])  # [1, C, D]
+    at = (num_valid - 1)[None, None, None]
+    spec = opts.num_speculative_tokens > 0
+    if last:
+        h = jnp.take_along_axis(hidden, at, axis=1)  # [1, 1, D]
+        logits = model.logits(h)[:, 0].astype(jnp.float32)  # [1, V]
+        take = lambda x: _take(x, slot, 0)
+        sampling = jax.tree.map(take, req.sampling)
+        tok, lp = sample(logits, sampling, take(s.counts), take(req.in_prompt), 0)
+        forced = take(req.forced)[:, 0]
+        end, limit = take(req.budget)[:, 0], take(req.budget)[:, 1]
+        forced = jnp.where((forced < 0) & (end >= 0) & (limit <= 0), end, forced)
+        raw = jax.nn.log_softmax(logits, axis=-1)
+        tok = jnp.where(forced >= 0, forced, tok)
+        lp = jnp.where(forced >= 0, raw[0, tok], lp)
+        top = top_logprobs(logits, opts.num_top_logprobs)
+        b = s.num_out.shape[0]
+        mine = jnp.arange(b) == slot
+        s = dataclasses.replace(s, done=s.done & ~mine)
+        spread = lambda x: jnp.zeros((b, *x.shape[1:]), x.dtype).at[slot].set(x[0])
+        s = _emit(
+            s,
+            req,
+            spread(tok)[:, None],
+            mine.astype(jnp.int32),
+            spread(lp)[:, None],
+            (spread(top[0])[:, None], spread(top[1])[:, None]),
+            opts,
+        )
+        if spec:
+            t = jnp.arange(ids.shape[1])[None, :]
+            next_ids = jnp.where(t == num_valid - 1, tok[:, None], next_ids)
+    if spec:
+        m, mtp = model.mtp_extend(hidden, next_ids, row.mtp, start)
+        row = dataclasses.replace(row, mtp=mtp)
+        if last:
+            drafter = jnp.take_along_axis(m, at, axis=1)[:, 0]
+            s = dataclasses.replace(s, draft_hidden=_put(s.draft_hidden, drafter, slot, 0))
+    return dataclasses.replace(s, cache=_set_cache_row(s.cache, slot, row))
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def _read(s: DecodeState, cursor, *, width: int):
+    """Each slot's outputs from `cursor[b]` on: tokens, logprobs and top logprobs `[B, width]`."""
+    take = lambda x: jax.vmap(lambda r, c: jax.lax.dynamic_slice_in_dim(r, c, width, 0))(x, cursor)
+    return (
+        s.num_out,
+        s.done,
+        s.stopped,
+        take(s.tokens),
+        take(s.logprobs),
+        take(s.top_ids),
+        take(s.top_logprobs),
+        s.drafted,
+        s.accepted,
+    )
+
+
+def _bucket(n: int, limit: int) -> int:
+    return min(limit, max(16, 1 << (n - 1).bit_length()))
+
+
+# ------------------------------------------------------------------------------------ scheduler
+class Scheduler:
+    """Serve a model to many concurrent requests (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Qwen35,
+        *,
+        slots: int = 8,
+        max_length: int = 4096,
+        prefill_chunk: int = 256,
+        num_speculative_tokens: int = 0,
+        max_waiting: int = 256,
+        stop_token_ids: Sequence[int] = (),
+        pad_id: int = 0,
+        mesh=None,
+        rules=None,
+    ):
+        if slots < 1 or max_length < 32 or prefill_chunk < 16:
+            raise ValueError(
+                f"need slots ≥ 1, max_length ≥ 32, prefill_chunk ≥ 16; got {slots}, "
+                f"{max_length}, {prefill_chunk}"
+            )
+        if num_speculative_tokens and model.mtp is None:
+            raise ValueError("speculative decoding needs a model with an MTP head")
+        if max_length > model.config.max_position_embeddings:
+            raise ValueError(
+                f"max_length {max_length} exceeds the model's max_position_embeddings "
+                f"{model.config.max_position_embeddings}"
+            )
+        self.model = model
+        self.config = model.config
+        self.graphdef, self.params = nnx.split(model)
+        self.slots = slots
+        self.max_length = max_length
+        self.prefill_chunk = 1 << (prefill_chunk.bit_length() - 1)  # a power of two
+        self.k = num_speculative_tokens
+        self.max_waiting = max_waiting
+        self.stop_token_ids = tuple(stop_token_ids)
+        self.pad_id = pad_id
+        self.mesh, self.rules = mesh, rules
+        # Prefill writes whole (padded) chunks and verification k+1 slots past the length.
+        chunked = -(-max_length // self.prefill_chunk) * self.prefill_chunk
+        self.opts = Options(
+            max_new_tokens=max_length,
+            max_length=chunked + 2 * (self.k + 1),
+            num_top_logprobs=MAX_TOP_LOGPROBS,
+            num_speculative_tokens=self.k,
+            pad_id=pad_id,
+        )
+        self._state, self._req = self._init_device()
+        self._free = collections.deque(range(slots))
+        self._active: dict[int, _Slot] = {}
+        self._waiting: collections.deque[_Slot] = collections.deque()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._ids = itertools.count()
+        self._error: BaseException | None = None
+        self.counters = collections.Counter()
+
+    # -------------------------------------------------------------------------------- device
+    def _init_device(self) -> tuple[DecodeState, Requests]:
+        b, v = self.slots, self.config.vocab_size
+        width = self.opts.max_new_tokens + self.k + 1
+        idle = SamplingBatch.from_params([SamplingParams(temperature=0.0)] * b, v, default_seed=0)
+        req = Requests(
+            sampling=idle,
+            in_prompt=jnp.zeros((b, v), bool),
+            stop_ids=jnp.full((b, MAX_STOP_IDS), -1, jnp.int32),
+            max_tokens=jnp.zeros((b,), jnp.int32),
+            forced=jnp.full((b, MAX_FORCED), -1, jnp.int32),
+            budget=jnp.full((b, 2), -1, jnp.int32),
+        )
+        spec = self.k > 0
+        d = self.config.hidden_size if spec else 0
+
+        @jax.jit
+        def fresh():
+            return DecodeState(
+                cache=init_cache(self.config, b, self.opts.max_length, self.model.dtype, mtp=spec),
+                tokens=jnp.full((b, width), self.pad_id, jnp.int32),
+                logprobs=jnp.zeros((b, width), jnp.float32),
+                top_ids=jnp.zeros((b, width, MAX_TOP_LOGPROBS), jnp.int32),
+                top_logprobs=jnp.zeros((b, width, MAX_TOP_LOGPROBS), jnp.float32),
+                num_out=jnp.zeros((b,), jnp.int32),
+                last=jnp.zeros((b,), jnp.int32),
+                done=jnp.ones((b,), bool),
+                stopped=jnp.zeros((b,), bool),
+                counts=jnp.zeros((b, v), jnp.int32),
+                draft_hidden=jnp.zeros((b, d), self.model.dtype),
+                drafted=jnp.zeros((b,), jnp.int32),
+                accepted=jnp.zeros((b,), jnp.int32),
+                steps=jnp.zeros((), jnp.int32),
+                real=jnp.zeros((b,), bool),
+            )
+
+        return fresh(), req
+
+    def _row_request(self, slot: _Slot) -> Requests:
+        p, v = slot.params, self.config.vocab_size
+        stops = list(
+            dict.fromkeys([*(() if p.ignore_eos else self.stop_token_ids), *p.stop_token_ids])
+        )
+        stop_ids = np.full((1, MAX_STOP_IDS), -1, np.int32)
+        stop_ids[0, : len(stops)] = stops
+        in_prompt = np.zeros((1, v), bool)
+        in_prompt[0, slot.prompt] = True
+        forced = np.full((1, MAX_FORCED), -1, np.int32)
+        forced[0, : len(slot.forced)] = slot.forced
+        return Requests(
+            sampling=SamplingBatch.from_params([p], v),
+            in_prompt=jnp.asarray(in_prompt),
+            stop_ids=jnp.asarray(stop_ids),
+            max_tokens=jnp.asarray([self._max_tokens(p, len(slot.prompt))], jnp.int32),
+            forced=jnp.asarray(forced),
+            budget=jnp.asarray([slot.budget or (-1, -1)], jnp.int32),
+        )
+
+    def _max_tokens(self, p: SamplingParams, prompt_len: int) -> int:
+        room = self.max_length - prompt_len
+        return room if p.max_tokens is None else min(p.max_tokens, room)
+
+    # ------------------------------------------------------------------------------ requests
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        forced_tokens: Sequence[int] | None = None,
+        reasoning_budget: tuple[int, int] | None = None,
+    ) -> Handle:
+        """Queue a request; returns its handle at once (events follow as tokens are made).
+
+        `reasoning_budget=(end_token, n)`: if the reply has not produced `end_token` (`</think>`)
+        within its first n tokens, that token is forced next (Anthropic's `budget_tokens`).
+        `forced_tokens` is a test hook: output token i is `forced_tokens[i]` (plain decoding).
+
+        Raises:
+          ValueError: an empty or too long prompt, ids outside the vocabulary, bad options.
+          QueueFull: `max_waiting` requests are already waiting.
+        """
+        prompt = [int(t) for t in prompt_ids]
+        v = self.config.vocab_size
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < v for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {v})")
+        params.validate(v)
+        if len(params.stop_token_ids or ()) + len(self.stop_token_ids) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS - len(self.stop_token_ids)} stop_token_ids")
+        need = len(prompt) + (params.max_tokens or 1)
+        if need > self.max_length:
+            raise ValueError(
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens or 1}) "
+                f"exceeds the server's context of {self.max_length} tokens"
+            )
+        if forced_tokens is not None and len(forced_tokens) > MAX_FORCED:
+            raise ValueError(f"at most {MAX_FORCED} forced tokens")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        handle = Handle(f"req-{next(self._ids)}", self, loop)
+        slot = _Slot(
+            handle=handle,
+            prompt=prompt,
+            params=params,
+            started=time.perf_counter(),
+            forced=list(forced_tokens or []),
+            budget=None if reasoning_budget is None else tuple(map(int, reasoning_budget)),
+        )
+        with self._lock:
+            if self._error is not None:
+                raise RuntimeError(f"the scheduler stopped after an error: {self._error}")
+            # Requests about to take a free slot are not waiting for one.
+            queued = len(self._waiting) - len(self._free)
+            if queued >= self.max_waiting:
+                self.counters["rejected"] += 1
+                raise QueueFull(f"{queued} requests are waiting (limit {self.max_waiting})")
+            self._waiting.append(slot)
+            self.counters["prompt_tokens_total"] += len(prompt)
+            self._work.notify()
+        return handle
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "slots": self.slots,
+                "slots_used": len(self._active),
+                "running": len(self._active),
+                "waiting": len(self._waiting),
+                **self.counters,
+            }
+
+    # --------------------------------------------------------------------------------- loop
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="qwenjax-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop the loop; with `drain`, running and waiting requests finish first (up to
+        `timeout` seconds), the rest end with finish_reason "abort"."""
+        deadline = time.monotonic() + timeout
+        while drain and time.monotonic() < deadline:
+            with self._lock:
+                if not self._active and not self._waiting:
+                    break
+            time.sleep(0.05)
+        with self._lock:
+            self._running = False
+            self._work.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+            self._thread = None
+        for slot in [*self._active.values(), *self._waiting]:
+            self._finish(slot, "abort")
+        self._active.clear()
+        self._waiting.clear()
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._work.notify()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while self._running and not self._has_work():
+                        self._work.wait(timeout=1.0)
+                    if not self._running:
+                        return
+                self._cancel_requested()
+                self._admit()
+                self._step()
+        except BaseException as e:  # surface device errors to every waiting client
+            self._error = e
+            for slot in [*self._active.values(), *self._waiting]:
+                self._finish(slot, "abort")
+            raise
+
+    def _has_work(self) -> bool:
+        return bool(self._active) or (bool(self._waiting) and bool(self._free))
+
+    def _cancel_requested(self) -> None:
+        with self._lock:
+            waiting = [s for s in self._waiting if s.handle.cancelled]
+            for s in waiting:
+                self._waiting.remove(s)
+        for s in waiting:
+            self._finish(s, "abort")
+        for index, s in list(self._active.items()):
+            if s.handle.cancelled:
+                self._free_slot(index, "abort")
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if not self._free or not self._waiting:
+                    return
+                slot, index = self._waiting.popleft(), self._free.popleft()
+                self._active[index] = slot
+            self._state, self._req = _admit(
+                self._state, self._req, jnp.int32(index), self._row_request(slot)
+            )
+
+    def _step(self) -> None:
+        prefilling = [i for i, s in self._active.items() if s.prefilled < len(s.prompt)]
+        if prefilling:  # one chunk per iteration: running streams keep their pace
+            self._prefill_one(min(prefilling, key=lambda i: self._active[i].started))
+        if any(s.prefilled == len(s.prompt) and s.delivered > 0 for s in self._active.values()):
+            before = self._state.steps
+            self._state = _decode(
+                self.graphdef, self.params, self._state, self._req, before + 1, opts=self.opts
+            )
+        self._publish()
+
+    def _prefill_one(self, index: int) -> None:
+        slot = self._active[index]
+        lo = slot.prefilled
+        hi = min(len(slot.prompt), lo + self.prefill_chunk)
+        n = hi - lo
+        width = _bucket(n, self.prefill_chunk)
+        ids = np.full((1, width), self.pad_id, np.int32)
+        ids[0, :n] = slot.prompt[lo:hi]
+        nxt = np.full((1, width), self.pad_id, np.int32)
+        following = slot.prompt[lo + 1 : hi + 1]
+        nxt[0, : len(following)] = following
+        last = hi == len(slot.prompt)
+        self._state = _prefill_chunk(
+            self.graphdef,
+            self.params,
+            self._state,
+            self._req,
+            jnp.int32(index),
+            jnp.asarray(ids),
+            jnp.int32(n),
+            jnp.asarray(nxt),
+            opts=self.opts,
+            last=last,
+        )
+        slot.prefilled = hi
+
+    def _publish(self) -> None:
+        cursor = np.zeros((self.slots,), np.int32)
+        for i, s in self._active.items():
+            cursor[i] = s.delivered
+        width = self.k + 2
+        out = _read(self._state, jnp.asarray(cursor), width=width)
+        num_out, done, stopped, tokens, lps, top_ids, top_lps, drafted, accepted = map(_host, out)
+        for i, s in list(self._active.items()):
+            new = int(num_out[i]) - s.delivered
+            finished = bool(done[i]) and s.prefilled == len(s.prompt)
+            if new <= 0 and not finished:
+                continue
+            if new > 0:
+                self._emit_event(
+                    s, tokens[i, :new], lps[i, :new], top_ids[i, :new], top_lps[i, :new]
+                )
+            if finished:
+                self.counters["spec_decode_num_draft_tokens_total"] += int(drafted[i])
+                self.counters["spec_decode_num_accepted_tokens_total"] += int(accepted[i])
+                self._free_slot(i, "stop" if stopped[i] else "length")
+
+    def _emit_event(self, s: _Slot, tokens, lps, top_ids, top_lps, finish: str | None = None):
+        p = s.params
+        n = len(tokens)
+        s.delivered += n
+        self.counters["generation_tokens_total"] += n
+        k = p.top_logprobs or 0
+        s.handle._put(
+            Event(
+                token_ids=[int(t) for t in tokens],
+                logprobs=[float(x) for x in lps] if p.logprobs else None,
+                top_logprobs=[
+                    [(int(a), float(b)) for a, b in zip(ids[:k], vals[:k], strict=True)]
+                    for ids, vals in zip(top_ids, top_lps, strict=True)
+                ]
+                if p.logprobs and k
+                else None,
+                finish_reason=finish,
+                prompt_tokens=len(s.prompt),
+                completion_tokens=s.delivered,
+            )
+        )
+
+    def _free_slot(self, index: int, reason: str) -> None:
+        slot = self._active.pop(index)
+        self._state = _release(self._state, jnp.int32(index))
+        with self._lock:
+            self._free.append(index)
+        self._finish(slot, reason)
+
+    def _finish(self, slot: _Slot, reason: str) -> None:
+        if slot.handle.finished:
+            return
+        slot.handle.finished = True
+        self.counters[f"finished_{reason}"] += 1
+        slot.handle._put(
+            Event(
+                token_ids=[],
+                logprobs=[] if slot.params.logprobs else None,
+                top_logprobs=[] if slot.params.logprobs and slot.params.top_logprobs else None,
+                finish_reason=reason,
+                prompt_tokens=len(slot.prompt),
+                completion_tokens=slot.delivered,
+            )
+        )
