@@ -12,6 +12,7 @@ from qwenjax import sharding
 from qwenjax.config import ModelConfig
 from qwenjax.model import Qwen35
 from qwenjax.model.params import LoRAConfig
+from qwenjax.vision.model import Qwen35VL
 
 
 def build(
@@ -24,6 +25,7 @@ def build(
     lora_rank: int = 0,
     lora_alpha: float | None = None,
     remat: str = "none",
+    vision: bool = False,
 ) -> Qwen35:
     """A model with HF-style random init; `abstract=True` gives shapes only (no memory).
 
@@ -38,11 +40,13 @@ def build(
       lora_alpha: LoRA scale numerator (update = x A B · alpha / rank), default `lora_rank`.
       remat: what the backward pass keeps of each scanned block, a key of `REMAT_POLICIES`
         ("none", "full", "dots", "offload").
+      vision: build `Qwen35VL`, the text model plus the vision tower of `config.vision` (its
+        text parameters get the same init as without).
     """
     lora_config = None
     if lora_rank:
         lora_config = LoRAConfig(lora_rank, float(lora_rank if lora_alpha is None else lora_alpha))
-    make = lambda: Qwen35(
+    make = lambda: (Qwen35VL if vision else Qwen35)(
         config,
         dtype=dtype,
         param_dtype=param_dtype,
@@ -67,6 +71,7 @@ def add_lora(model: Qwen35, *, rank: int, alpha: float | None = None, seed: int 
         lora_alpha=alpha,
         remat=model.remat,
         seed=seed,
+        vision=hasattr(model, "visual"),
     )
     graphdef, _ = nnx.split(build(model.config, abstract=True, **kwargs))
     # Only the adapters are outputs, so XLA never materialises the throwaway base init.
@@ -101,6 +106,7 @@ def merge_lora(model: Qwen35) -> Qwen35:
         dtype=model.dtype,
         param_dtype=model.embed_tokens.dtype,
         remat=model.remat,
+        vision=hasattr(model, "visual"),
     )
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     merged = []

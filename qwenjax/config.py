@@ -15,6 +15,8 @@ import os
 import warnings
 from typing import Any
 
+from qwenjax.vision.config import VisionConfig
+
 LINEAR_ATTENTION = "linear_attention"
 FULL_ATTENTION = "full_attention"
 LAYER_TYPES = (LINEAR_ATTENTION, FULL_ATTENTION)
@@ -66,6 +68,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # The vision tower and the image/video token ids (VLM checkpoints only); the text model
+    # ignores it, `build(..., vision=True)` adds the tower.
+    vision: VisionConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -74,6 +79,8 @@ class ModelConfig:
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if isinstance(self.yarn, dict):
             object.__setattr__(self, "yarn", YarnScaling(**self.yarn))
+        if isinstance(self.vision, dict):
+            object.__setattr__(self, "vision", VisionConfig(**self.vision))
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -136,6 +143,11 @@ class ModelConfig:
             raise ConfigError(f"yarn.factor must be >= 1, got {self.yarn.factor}")
         if self.rms_norm_eps <= 0:
             raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if self.vision is not None and self.vision.out_hidden_size != self.hidden_size:
+            raise ConfigError(
+                f"vision out_hidden_size={self.vision.out_hidden_size} != hidden_size="
+                f"{self.hidden_size}: the merger must output the text width"
+            )
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -212,8 +224,9 @@ class ModelConfig:
         """Read a HF `config.json` (a checkpoint directory, the file, or its parsed dict).
 
         Both layouts are accepted: text-only (`model_type="qwen3_5_text"`) and the VLM
-        (`model_type="qwen3_5"` with the text fields under `text_config`). Keys this port does not
-        know raise a `ConfigError` listing them (pass `strict=False` to only warn).
+        (`model_type="qwen3_5"` with the text fields under `text_config`; its `vision_config` and
+        image/video token ids become `vision`). Keys this port does not know raise a
+        `ConfigError` listing them (pass `strict=False` to only warn).
         """
         raw = _read_json(path_or_dict)
         text = raw.get("text_config", raw)
@@ -238,19 +251,29 @@ class ModelConfig:
         kwargs.update(_rope_from_hf(text))
         if "tie_word_embeddings" in raw and "text_config" in raw:
             kwargs["tie_word_embeddings"] = raw["tie_word_embeddings"]
+        if "vision_config" in raw:
+            try:
+                kwargs["vision"] = VisionConfig.from_hf(raw, strict=strict)
+            except ValueError as e:
+                raise ConfigError(f"config.json: {e}") from e
         try:
             return cls(**kwargs)
         except TypeError as e:  # wrong value types surface here
             raise ConfigError(f"config.json: {e}") from e
 
     def to_hf(self) -> dict[str, Any]:
-        """The HF text `config.json` dict (`model_type="qwen3_5_text"`) for this config."""
+        """The HF text `config.json` dict (`model_type="qwen3_5_text"`) for this config.
+
+        Text only: `vision` is not written (a text checkpoint has no vision tower).
+        """
         out: dict[str, Any] = {
             "architectures": ["Qwen3_5ForCausalLM"],
             "model_type": "qwen3_5_text",
         }
         for field in dataclasses.fields(self):
             if field.name in ("yarn", "rope_theta", "partial_rotary_factor", "mrope_section"):
+                continue
+            if field.name == "vision":
                 continue
             if field.name == "mrope_interleaved":
                 continue
@@ -285,7 +308,9 @@ class ModelConfig:
 
 
 _FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
-_HF_TEXT_KEYS = (_FIELDS - {"yarn", "rope_theta", "mrope_section", "mrope_interleaved"}) | {
+_HF_TEXT_KEYS = (
+    _FIELDS - {"yarn", "rope_theta", "mrope_section", "mrope_interleaved", "vision"}
+) | {
     "rope_parameters",
     "rope_scaling",
     "full_attention_interval",

@@ -7,6 +7,9 @@ writer, so peak host memory is a small multiple of the largest parameter, never 
 
 `dtype=None` keeps every tensor's dtype, so HF → qwenjax → HF reproduces the files bit for bit
 (tensor bytes, dtypes, keys and `config.json`); a dtype casts every parameter.
+
+The vision tower (`model.visual.*` ⇄ our `visual/…`) is converted whenever the checkpoint has it;
+`load` reads it only with `vision=True` and otherwise skips it without reading a byte.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from qwenjax.checkpoint.hf_io import (
     raise_problems,
     read_tensor,
 )
-from qwenjax.checkpoint.hf_keys import TEXT_PREFIX, VLM_PREFIX, Entry, table
+from qwenjax.checkpoint.hf_keys import TEXT_PREFIX, VISUAL_PREFIX, VLM_PREFIX, Entry, table
 from qwenjax.checkpoint.progress import Progress
 from qwenjax.config import ModelConfig
 from qwenjax.model import Qwen35
@@ -57,8 +60,8 @@ _WEIGHT_SUFFIXES = (
 )
 
 
-def _param_shapes(config: ModelConfig) -> dict[tuple, tuple[int, ...]]:
-    state = nnx.state(build(config, abstract=True), nnx.Param)
+def _param_shapes(config: ModelConfig, vision: bool = False) -> dict[tuple, tuple[int, ...]]:
+    state = nnx.state(build(config, abstract=True, vision=vision), nnx.Param)
     return {tuple(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}
 
 
@@ -98,12 +101,30 @@ def _copy_side_files(src: Path, dst: Path, skip: Callable[[str], bool]) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+def _check_vision(config: ModelConfig, vision: bool, src: Path) -> None:
+    if vision and config.vision is None:
+        raise CheckpointError(
+            f"{src}: config.json has no vision_config, so there is no vision tower to load "
+            "(load it with vision=False)"
+        )
+
+
 # ---------------------------------------------------------------------- HF side
-def _open_hf(src: Path) -> tuple[SafetensorsReader, ModelConfig, list[Entry]]:
-    """Config, headers and table of a HF checkpoint, checked for completeness before any data."""
+def _open_hf(
+    src: Path, vision: bool | None = False
+) -> tuple[SafetensorsReader, ModelConfig, list[Entry]]:
+    """Config, headers and table of a HF checkpoint, checked for completeness before any data.
+
+    `vision`: include the vision tower (True), skip it (False), or include it when the
+    checkpoint has one (None).
+    """
     config = ModelConfig.from_hf(src)
     reader = SafetensorsReader(src)
-    entries = table(_param_shapes(config), config, reader.prefix)
+    if vision is None:
+        has_visual = any(k.startswith(VISUAL_PREFIX) for k in reader.tensors)
+        vision = config.vision is not None and has_visual
+    _check_vision(config, vision, src)
+    entries = table(_param_shapes(config, vision), config, reader.prefix)
     problems = check_tensors({k: e.hf_shape for e in entries for k in e.hf_keys}, reader.tensors)
     for e in entries:  # the blocks of one stacked parameter must agree on dtype
         found = {k: reader.tensors[k].dtype for k in e.hf_keys if k in reader.tensors}
@@ -143,10 +164,10 @@ def hf_to_qwenjax(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Convert a HF checkpoint directory (text or VLM layout, MTP included) to ours.
+    """Convert a HF checkpoint directory (text or VLM layout, MTP and vision tower included).
 
-    `model.visual.*` tensors are skipped without being read. Every other tensor must be exactly
-    the set the config implies; all mismatches are reported in one `CheckpointError`.
+    The tensors must be exactly the set the config implies (the vision tower's only if the
+    checkpoint has any `model.visual.*`); all mismatches are reported in one `CheckpointError`.
 
     Args:
       src: HF directory (`config.json` + `model.safetensors` or an index and shards).
@@ -161,7 +182,7 @@ def hf_to_qwenjax(
     src, dst = Path(src), Path(dst)
     _check_distinct(src, dst)
     target = _float_dtype(dtype)
-    reader, _, entries = _open_hf(src)
+    reader, _, entries = _open_hf(src, vision=None)
     infos = [reader.tensors[k] for e in entries for k in e.hf_keys]
     bar = Progress("import", len(infos), sum(i.nbytes for i in infos), enabled=progress)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
@@ -180,6 +201,7 @@ def hf_to_qwenjax(
             **_dtype_summary(dtypes),
             hf_layout=LAYOUTS[reader.prefix],
             hf_prefix=reader.prefix,
+            vision=any(e.path[0] == "visual" for e in entries),
             num_params=len(entries),
             num_hf_tensors=len(infos),
         )
@@ -187,16 +209,25 @@ def hf_to_qwenjax(
 
 
 # ---------------------------------------------------------------------- qwenjax side
-def _open_qwenjax(src: Path) -> tuple[ModelConfig, list[Entry], dict]:
-    """Config, table and stored leaf shapes/dtypes of one of our checkpoints, cross-checked."""
+def _open_qwenjax(src: Path, vision: bool | None = False) -> tuple[ModelConfig, list[Entry], dict]:
+    """Config, table and stored leaf shapes/dtypes of one of our checkpoints, cross-checked.
+
+    `vision` as for `_open_hf`: stored vision leaves are skipped when it is False.
+    """
     manifest = orbax_io.read_manifest(src)
     prefix = manifest.get("hf_prefix")
     if prefix not in LAYOUTS:
         raise CheckpointError(f"{src}: unknown hf_prefix {prefix!r} in the manifest")
     config = ModelConfig.from_hf(src)
-    entries = table(_param_shapes(config), config, prefix)
     stored = orbax_io.leaf_info(src)
-    left = dict(stored)
+    has_visual = any(k[0] == "visual" for k in stored)
+    if vision is None:
+        vision = config.vision is not None and has_visual
+    _check_vision(config, vision, src)
+    if vision and not has_visual:
+        raise CheckpointError(f"{src} holds no vision tower weights (load it with vision=False)")
+    entries = table(_param_shapes(config, vision), config, prefix)
+    left = {k: v for k, v in stored.items() if vision or k[0] != "visual"}
     problems = []
     for e in entries:
         key = tuple(map(str, e.path))
@@ -233,7 +264,7 @@ def qwenjax_to_hf(
     """
     src, dst = Path(src), Path(dst)
     _check_distinct(src, dst)
-    _, entries, stored = _open_qwenjax(src)
+    _, entries, stored = _open_qwenjax(src, vision=None)
     dtypes = {e.path: stored[tuple(map(str, e.path))][1] for e in entries}
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         _copy_side_files(src, tmp, skip=lambda name: name == orbax_io.MANIFEST)
@@ -280,10 +311,12 @@ def save_hf(
 ) -> Path:
     """Write an in-memory model as a HF text checkpoint (`Qwen3_5ForCausalLM` layout + `mtp.*`).
 
-    Parameters are pulled to the host one at a time, so host memory stays at one parameter.
+    Parameters are pulled to the host one at a time, so host memory stays at one parameter. A
+    vision tower, if the model has one, is not written (the text layout has no place for it).
     """
     dst = Path(dst)
-    flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    state = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    flat = {tuple(p): v for p, v in state if p[0] != "visual"}
     entries = table(
         {p: tuple(v.get_value().shape) for p, v in flat.items()}, model.config, TEXT_PREFIX
     )
@@ -318,8 +351,10 @@ def convert(
 
 
 # ---------------------------------------------------------------------- load
-def _merge(config: ModelConfig, compute: np.dtype, arrays: dict[tuple, jax.Array]) -> Qwen35:
-    graphdef, state = nnx.split(build(config, dtype=compute, abstract=True))
+def _merge(
+    config: ModelConfig, compute: np.dtype, arrays: dict[tuple, jax.Array], vision: bool
+) -> Qwen35:
+    graphdef, state = nnx.split(build(config, dtype=compute, abstract=True, vision=vision))
     flat = [(p, v.replace(value=arrays[tuple(p)])) for p, v in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -330,8 +365,12 @@ def load(
     dtype: jnp.dtype | str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     rules: Any = None,
+    vision: bool = False,
 ) -> Qwen35:
     """A model from a HF checkpoint directory or one of ours (told apart by `qwenjax.json`).
+
+    `vision=True` loads a VLM checkpoint with its vision tower, as a `Qwen35VL`; by default the
+    text model is loaded and the vision tower's tensors are never read.
 
     Parameters are read one at a time and placed as they arrive, so host memory peaks at the
     model's share on this host plus about one parameter. (A single orbax restore of the whole
@@ -351,27 +390,27 @@ def load(
     path = Path(path)
     target = _float_dtype(dtype)
     if _kind(path) == "qwenjax":
-        config, entries, _ = _open_qwenjax(path)
+        config, entries, _ = _open_qwenjax(path, vision)
         leaves = (
             (p, leaf if target is None else leaf.astype(target))
             for p, leaf in orbax_io.iter_leaves(path, [e.path for e in entries])
         )
     else:
-        reader, config, entries = _open_hf(path)
+        reader, config, entries = _open_hf(path, vision)
         off = Progress("load", 0, 0, enabled=False)
         leaves = ((e.path, _read_leaf(reader, e, target, off)) for e in entries)
-    place = _placer(config, mesh, rules)
+    place = _placer(config, mesh, rules, vision)
     arrays = {p: place(p, leaf) for p, leaf in leaves}
-    return _merge(config, target or arrays[("embed_tokens",)].dtype, arrays)
+    return _merge(config, target or arrays[("embed_tokens",)].dtype, arrays, vision)
 
 
-def _placer(config: ModelConfig, mesh: jax.sharding.Mesh | None, rules: Any):
+def _placer(config: ModelConfig, mesh: jax.sharding.Mesh | None, rules: Any, vision: bool):
     """`(path, numpy leaf) -> jax.Array` on one device, or sharded over `mesh` by `rules`."""
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return lambda path, leaf: jax.device_put(leaf, device)
     rules = sharding.RULES["fsdp"] if rules is None else rules
-    abstract = nnx.state(build(config, abstract=True))
+    abstract = nnx.state(build(config, abstract=True, vision=vision))
     by_path = {
         tuple(p): v.get_value()
         for p, v in nnx.to_flat_state(sharding.param_shardings(abstract, mesh, rules))

@@ -27,11 +27,10 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from qwenjax.checkpoint.hf_keys import TEXT_PREFIX, VLM_PREFIX
+from qwenjax.checkpoint.hf_keys import TEXT_PREFIX, VISUAL_PREFIX, VLM_PREFIX
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-VISUAL_PREFIX = "model.visual."  # vision tower tensors: the vision issue loads them
 MAX_HEADER_BYTES = 100_000_000  # the limit the reference implementation enforces
 
 DTYPES: dict[str, np.dtype] = {
@@ -178,7 +177,11 @@ class SafetensorsReader:
 def check_tensors(
     expected: Mapping[str, tuple[int, ...]], found: Mapping[str, TensorInfo]
 ) -> list[str]:
-    """Missing, unexpected and mis-shaped tensors, one line each (`model.visual.*` is skipped)."""
+    """Missing, unexpected and mis-shaped tensors, one line each.
+
+    `model.visual.*` tensors that are not expected are not unexpected: a text-only load of a VLM
+    checkpoint skips them.
+    """
     problems = []
     for key, shape in expected.items():
         if key not in found:

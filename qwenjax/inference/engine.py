@@ -75,26 +75,36 @@ class Requests:
     stop_ids: jax.Array  # [B, M] int32, -1 = none
     max_tokens: jax.Array  # [B] int32
     # Test hook (serving tests script replies through the real loop): output token i of row b is
-    # forced[b, i] where that is ≥ 0. Plain decoding only; all -1 otherwise.
+    # forced[b, i] where that is ≥ 0; all -1 otherwise.
     forced: jax.Array  # [B, F] int32
     # A reasoning budget: once a row has made `budget[b, 1]` tokens without token
-    # `budget[b, 0]` (e.g. `</think>`), that token is forced. -1 = no budget. Plain decoding only.
+    # `budget[b, 0]` (e.g. `</think>`), that token is forced. -1 = no budget.
     budget: jax.Array  # [B, 2] int32
 
 
-def _sample(logits: jax.Array, s: DecodeState, req: Requests) -> tuple[jax.Array, jax.Array]:
-    """`sample`, then the forced tokens of the test hook (with their raw logprobs)."""
-    tok, lp = sample(logits, req.sampling, s.counts, req.in_prompt, s.num_out)
+def _forced_at(s: DecodeState, req: Requests, new: jax.Array) -> jax.Array:
+    """`[B, W]` the token that must stand at output index `num_out + j` instead of `new[:, j]`
+    (-1: none): the end-of-reasoning token once the budget is spent and it has not appeared (in
+    earlier output or in `new` before j), else the test hook's script."""
+    idx = s.num_out[:, None] + jnp.arange(new.shape[1])[None, :]  # [B, W]
     f = req.forced.shape[1]
-    at = jnp.take_along_axis(req.forced, jnp.minimum(s.num_out, f - 1)[:, None], 1)[:, 0]
-    forced = (s.num_out < f) & (at >= 0)
-    tok = jnp.where(forced, at, tok)
-    end, limit = req.budget[:, 0], req.budget[:, 1]
-    seen = jnp.take_along_axis(s.counts, jnp.maximum(end, 0)[:, None], 1)[:, 0] > 0
-    over = (end >= 0) & (s.num_out >= limit) & ~seen
-    tok = jnp.where(over, end, tok)
+    script = jnp.take_along_axis(req.forced, jnp.minimum(idx, f - 1), axis=1)
+    script = jnp.where(idx < f, script, -1)
+    end, limit = req.budget[:, :1], req.budget[:, 1:]  # [B, 1]
+    hits = new == end
+    seen = jnp.take_along_axis(s.counts, jnp.maximum(end, 0), axis=1) > 0
+    seen = seen | (jnp.cumsum(hits, axis=1) - hits > 0)
+    over = (end >= 0) & (idx >= limit) & ~seen
+    return jnp.where(over, end, script)  # a spent budget outranks even the script
+
+
+def _sample(logits: jax.Array, s: DecodeState, req: Requests) -> tuple[jax.Array, jax.Array]:
+    """`sample`, then what `_forced_at` imposes (with the raw logprob of the forced token)."""
+    tok, lp = sample(logits, req.sampling, s.counts, req.in_prompt, s.num_out)
+    forced = _forced_at(s, req, tok[:, None])[:, 0]
+    tok = jnp.where(forced >= 0, forced, tok)
     raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    lp = jnp.where(forced | over, jnp.take_along_axis(raw, tok[:, None], 1)[:, 0], lp)
+    lp = jnp.where(forced >= 0, jnp.take_along_axis(raw, tok[:, None], 1)[:, 0], lp)
     return tok, lp
 
 
@@ -300,7 +310,17 @@ def _speculative_step(model: Qwen35, s: DecodeState, req: Requests, opts: Option
     )
     n = jnp.where(active, n, 0)
     t = jnp.arange(k + 1)[None, :]
-    emitted = jnp.where(t < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])  # [B, k+1]
+    padded = jnp.pad(drafts, ((0, 0), (0, 1)))
+    emitted = jnp.where(t < n[:, None], padded, nxt[:, None])  # [B, k+1]
+    # A forced token (test hook, reasoning budget) acts like a rejection at its index: the
+    # drafts before it are kept and it becomes the next token.
+    forced = _forced_at(s, req, emitted)
+    wrong = (forced >= 0) & (forced != emitted) & (t <= n[:, None])
+    first = jnp.argmax(wrong, axis=1)
+    hit = jnp.any(wrong, axis=1)
+    nxt = jnp.where(hit, jnp.take_along_axis(forced, first[:, None], 1)[:, 0], nxt)
+    n = jnp.where(hit, first, n)
+    emitted = jnp.where(t < n[:, None], padded, nxt[:, None])
     raw = jax.nn.log_softmax(logits, axis=-1)
     lp = jnp.take_along_axis(raw, emitted[..., None], axis=-1)[..., 0]
     top = jax.vmap(lambda lg: top_logprobs(lg, opts.num_top_logprobs), in_axes=1, out_axes=1)(

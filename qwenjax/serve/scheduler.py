@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwenjax import sharding as ax
 from qwenjax.inference.engine import (
     DecodeState,
     Options,
@@ -121,6 +122,8 @@ class _Slot:
     started: float = 0.0
     forced: list[int] = dataclasses.field(default_factory=list)  # the test hook's script
     budget: tuple[int, int] | None = None  # (end-of-reasoning token, reasoning token budget)
+    drafted: int = 0  # speculation totals already counted
+    accepted: int = 0
 
 
 # ------------------------------------------------------------------------------ device functions
@@ -361,7 +364,19 @@ class Scheduler:
                 real=jnp.zeros((b,), bool),
             )
 
-        return fresh(), req
+        # Committed placement from the start, so the first request's jit signatures equal the
+        # later ones (an uncommitted input would recompile every function once more).
+        if self.mesh is None:
+            where = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        else:  # replicated to begin with; the rules' constraints shard the cache inside the step
+            where = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        with self._rules():
+            return jax.device_put(fresh(), where), jax.device_put(req, where)
+
+    def _rules(self):
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        return ax.use_rules(self.mesh, self.rules or ax.RULES["fsdp"])
 
     def _row_request(self, slot: _Slot) -> Requests:
         p, v = slot.params, self.config.vocab_size
@@ -400,7 +415,7 @@ class Scheduler:
 
         `reasoning_budget=(end_token, n)`: if the reply has not produced `end_token` (`</think>`)
         within its first n tokens, that token is forced next (Anthropic's `budget_tokens`).
-        `forced_tokens` is a test hook: output token i is `forced_tokens[i]` (plain decoding).
+        `forced_tokens` is a test hook: output token i is `forced_tokens[i]`.
 
         Raises:
           ValueError: an empty or too long prompt, ids outside the vocabulary, bad options.
@@ -491,22 +506,35 @@ class Scheduler:
         with self._lock:
             self._work.notify()
 
+    @property
+    def healthy(self) -> bool:
+        """The device loop is running (False after an error or before `start`)."""
+        return self._error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
     def _loop(self) -> None:
         try:
-            while True:
-                with self._lock:
-                    while self._running and not self._has_work():
-                        self._work.wait(timeout=1.0)
-                    if not self._running:
-                        return
-                self._cancel_requested()
-                self._admit()
-                self._step()
+            with self._rules():
+                self._serve()
         except BaseException as e:  # surface device errors to every waiting client
             self._error = e
             for slot in [*self._active.values(), *self._waiting]:
                 self._finish(slot, "abort")
             raise
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                while self._running and not self._has_work():
+                    self._work.wait(timeout=1.0)
+                if not self._running:
+                    return
+            self._cancel_requested()
+            self._admit()
+            self._step()
 
     def _has_work(self) -> bool:
         return bool(self._active) or (bool(self._waiting) and bool(self._free))
@@ -586,9 +614,16 @@ class Scheduler:
                 self._emit_event(
                     s, tokens[i, :new], lps[i, :new], top_ids[i, :new], top_lps[i, :new]
                 )
+            # Speculation counters advance every step (a slot's totals restart at admission).
+            grew = int(drafted[i]) - s.drafted
+            if grew > 0:
+                self.counters["spec_decode_num_drafts_total"] += grew // max(self.k, 1)
+                self.counters["spec_decode_num_draft_tokens_total"] += grew
+                self.counters["spec_decode_num_accepted_tokens_total"] += (
+                    int(accepted[i]) - s.accepted
+                )
+                s.drafted, s.accepted = int(drafted[i]), int(accepted[i])
             if finished:
-                self.counters["spec_decode_num_draft_tokens_total"] += int(drafted[i])
-                self.counters["spec_decode_num_accepted_tokens_total"] += int(accepted[i])
                 self._free_slot(i, "stop" if stopped[i] else "length")
 
     def _emit_event(self, s: _Slot, tokens, lps, top_ids, top_lps, finish: str | None = None):

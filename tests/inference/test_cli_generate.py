@@ -257,7 +257,7 @@ def test_speculative_greedy_is_plain_greedy(ckpt, engine, tok, capsys, greedy_te
 
 
 def test_reply_printer_dims_reasoning_on_a_terminal(monkeypatch):
-    from qwenjax.cli import _ReplyPrinter
+    from qwenjax.inference.jobs import _ReplyPrinter
 
     class Terminal(io.StringIO):
         def isatty(self):

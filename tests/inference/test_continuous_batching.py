@@ -57,6 +57,15 @@ def test_seven_requests_on_three_slots_equal_offline_generate(model, prompts, k)
         assert stats["generation_tokens_total"] == 9 * len(prompts)
         if k:
             assert stats["spec_decode_num_draft_tokens_total"] > 0
+        # The test hook and the reasoning budget hold on both paths (with speculation a forced
+        # token acts as a rejection of the drafts from its index on).
+        script = [11, 12, 13, 14, 15]
+        tokens, _ = collect(scheduler.submit(prompts[1], GREEDY, forced_tokens=script))
+        assert tokens[:5] == script and tokens[5:] != script[:4]
+        free = expected[3].tolist()
+        end = next(t for t in range(512) if t not in free)
+        tokens, _ = collect(scheduler.submit(prompts[3], GREEDY, reasoning_budget=(end, 4)))
+        assert tokens[:5] == [*free[:4], end]
     finally:
         scheduler.stop()
 

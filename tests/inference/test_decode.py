@@ -153,9 +153,9 @@ def test_speculative_greedy_equals_plain_greedy(text_model):
     _, _, model = text_model
     prompts = prompts_of([13, 40, 4], model.config.vocab_size, seed=22)
     plain = generate(model, prompts, 20)
-    for k in (1, 3):
-        spec = generate(model, prompts, 20, speculative="mtp", num_speculative_tokens=k)
-        np.testing.assert_array_equal(spec, plain)
+    # k=1 here; k=2 runs in the mesh test and k=3 in the oracle-drafter test below.
+    spec = generate(model, prompts, 20, speculative="mtp", num_speculative_tokens=1)
+    np.testing.assert_array_equal(spec, plain)
 
 
 def test_speculative_rollback_with_partly_right_drafts(text_model, monkeypatch):
@@ -213,8 +213,10 @@ def exact_pair_distribution(model, prompt, temperature):
     return p[0, -2][:, None] * p[:, -1]  # p(t1) · p(t2 | t1)
 
 
-@pytest.mark.parametrize("k", [0, 2])
-def test_sampled_pairs_follow_the_target_distribution(k):
+def test_sampled_pairs_follow_the_target_distribution():
+    """Speculative sampling (k=2) keeps the target distribution of the first two tokens (plain
+    sampling's distribution is tested row by row in test_sampling.py)."""
+    k = 2
     model = small_vocab_model()
     v, rows, temperature = model.config.vocab_size, 3000, 1.0
     prompt = [3, 1, 4, 1, 5, 2, 6]
@@ -233,8 +235,7 @@ def test_sampled_pairs_follow_the_target_distribution(k):
     sigma = np.sqrt(expected * (1 - expected) / rows) + 1e-4
     worst = np.max(np.abs(freq - expected) / sigma)
     assert worst < 4.5, (worst, out.acceptance_rate)
-    if k:
-        assert out.drafted > 0 and 0.0 < out.acceptance_rate < 1.0
+    assert out.drafted > 0 and 0.0 < out.acceptance_rate < 1.0
 
 
 def test_mesh_gives_the_same_tokens(hf_checkpoint):

@@ -1,0 +1,242 @@
+"""The `qwenjax serve` HTTP server: a Starlette ASGI app on uvicorn in front of the `Scheduler`.
+
+    GET  /health                      no auth; 200 while the engine runs
+    GET  /metrics                     Prometheus text (qwenjax:-prefixed vLLM names)
+    GET  /v1/models
+    POST /v1/chat/completions, /v1/completions, /v1/responses      (openai_api)
+    POST /v1/messages, /v1/messages/count_tokens                   (anthropic_api)
+
+Every route but /health needs the API key when one is configured: `Authorization: Bearer KEY`
+or `x-api-key: KEY` (Claude Code sends either; accepting both everywhere costs nothing). Errors
+come in the envelope of the API the route belongs to. The engine runs on its own thread
+(`Scheduler.start`); the event loop only renders prompts, detokenises and writes SSE. On SIGTERM
+uvicorn stops accepting connections and lets running requests finish (up to
+`--shutdown-timeout` seconds, then their streams are cancelled), and the lifespan hook stops the
+scheduler after draining it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hmac
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from qwenjax.serve import anthropic_api, openai_api
+from qwenjax.serve.common import ApiError, ServerState, log, sampling_defaults
+from qwenjax.serve.metrics import CONTENT_TYPE
+
+API_KEY_ENV = "QWENJAX_API_KEY"
+Handler = Callable[[Request, ServerState], Awaitable[Response]]
+
+
+def _presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key")
+
+
+def check_auth(request: Request, state: ServerState) -> None:
+    if state.api_key is None:
+        return
+    key = _presented_key(request)
+    if key is None or not hmac.compare_digest(key.encode(), state.api_key.encode()):
+        what = "no API key given" if key is None else "the API key is not valid"
+        raise ApiError(
+            "authentication",
+            f"{what}: send it as 'Authorization: Bearer KEY' (or 'x-api-key: KEY')",
+        )
+
+
+def _endpoint(handler: Handler, api: Any) -> Callable[[Request], Awaitable[Response]]:
+    """Auth, then the handler; an `ApiError` (or a crash) becomes `api`'s error response."""
+
+    async def endpoint(request: Request) -> Response:
+        state: ServerState = request.app.state.qwenjax
+        try:
+            check_auth(request, state)
+            return await handler(request, state)
+        except ApiError as e:
+            if e.kind != "authentication":
+                log.info("%s %s: %s %s", request.method, request.url.path, e.kind, e.message)
+            return api.error_response(e)
+        except Exception as e:
+            log.exception("%s %s failed", request.method, request.url.path)
+            return api.error_response(ApiError("server", f"internal error: {e}"))
+
+    return endpoint
+
+
+async def _health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def _metrics(request: Request, state: ServerState) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def _models(request: Request, state: ServerState) -> Response:
+    return JSONResponse(openai_api.models(state))
+
+
+async def _not_found(request: Request, exc: HTTPException) -> Response:
+    api = anthropic_api if request.url.path.startswith("/v1/messages") else openai_api
+    kind = "not_found" if exc.status_code == 404 else "invalid_request"
+    e = ApiError(kind, f"{request.method} {request.url.path}: {exc.detail}")
+    response = api.error_response(e)
+    response.status_code = exc.status_code
+    return response
+
+
+def build_app(state: ServerState, *, drain_timeout: float = 30.0) -> Starlette:
+    """The ASGI app over a scheduler; the lifespan starts and (draining) stops it."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        state.scheduler.start()
+        try:
+            yield
+        finally:
+            log.info("shutting down: draining the scheduler")
+            state.scheduler.stop(drain=True, timeout=drain_timeout)
+
+    o, a = openai_api, anthropic_api
+    routes = [
+        Route("/health", _health, methods=["GET"]),
+        Route("/metrics", _endpoint(_metrics, o), methods=["GET"]),
+        Route("/v1/models", _endpoint(_models, o), methods=["GET"]),
+        Route("/v1/chat/completions", _endpoint(o.chat_completions, o), methods=["POST"]),
+        Route("/v1/completions", _endpoint(o.completions, o), methods=["POST"]),
+        Route("/v1/responses", _endpoint(o.responses, o), methods=["POST"]),
+        Route("/v1/messages", _endpoint(a.messages, a), methods=["POST"]),
+        Route("/v1/messages/count_tokens", _endpoint(a.count_tokens, a), methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _not_found}
+    )
+    app.state.qwenjax = state
+    return app
+
+
+# ---------------------------------------------------------------------------- the CLI verb
+def default_model_name(checkpoint: str | os.PathLike, config: Any, tokenizer: Any) -> str:
+    """`qwen/qwen3.6-27b` for that architecture (`qwen3.5-27b` when the checkpoint's own
+    template lacks 3.6's `preserve_thinking`), else the checkpoint directory's name."""
+    from qwenjax.config import ModelConfig
+
+    ref = ModelConfig.from_preset("qwen3.6-27b")
+    dims = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "linear_num_key_heads",
+        "linear_num_value_heads",
+        "linear_key_head_dim",
+        "linear_value_head_dim",
+    )
+    if all(getattr(config, d) == getattr(ref, d) for d in dims):
+        template = tokenizer.chat_template
+        if template is None or "preserve_thinking" in str(template):
+            return "qwen/qwen3.6-27b"
+        return "qwen/qwen3.5-27b"
+    return Path(checkpoint).resolve().name
+
+
+def _warn_no_key() -> None:
+    bar = "!" * 78
+    sys.stderr.write(
+        f"{bar}\n!! qwenjax serve: NO API KEY CONFIGURED — every route is open to anyone who can\n"
+        f"!! reach this port. Set --api-key or {API_KEY_ENV} unless this is a private test.\n"
+        f"{bar}\n"
+    )
+    sys.stderr.flush()
+
+
+def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None:
+    """Load the checkpoint, start the engine and serve until SIGTERM / Ctrl-C."""
+    import uvicorn
+
+    from qwenjax.checkpoint import load
+    from qwenjax.serve.scheduler import Scheduler
+    from qwenjax.tokenizer import Tokenizer
+
+    # force: an import may already have configured the root logger at WARNING.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {checkpoint} does not exist")
+    for name in ("slots", "max_length", "prefill_chunk", "max_waiting"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.speculative_tokens < 0:
+        raise ValueError("--speculative-tokens must be >= 0")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    tokenizer = Tokenizer.from_dir(args.tokenizer or checkpoint)
+    defaults = sampling_defaults(checkpoint)
+    print(f"loading {checkpoint} ...", file=sys.stderr, flush=True)
+    model = load(checkpoint, dtype=args.dtype, mesh=mesh, rules=rules)
+    config = model.config
+    max_length = min(args.max_length, config.max_position_embeddings)
+    scheduler = Scheduler(
+        model,
+        slots=args.slots,
+        max_length=max_length,
+        prefill_chunk=args.prefill_chunk,
+        num_speculative_tokens=args.speculative_tokens,
+        max_waiting=args.max_waiting,
+        stop_token_ids=tokenizer.eos_token_ids,
+        mesh=mesh,
+        rules=rules,
+    )
+    name = args.served_model_name or default_model_name(checkpoint, config, tokenizer)
+    state = ServerState(
+        scheduler=scheduler,
+        tokenizer=tokenizer,
+        model_name=name,
+        max_length=max_length,
+        vocab_size=config.vocab_size,
+        api_key=api_key,
+        enable_test_hooks=args.enable_test_hooks,
+        sampling_defaults=defaults,
+    )
+    if api_key is None:
+        _warn_no_key()
+    if args.enable_test_hooks:
+        log.warning("test hooks are on: requests may script the output (never in production)")
+    log.info(
+        "serving %s as %r on http://%s:%d (%d slots, max length %d)",
+        checkpoint,
+        name,
+        args.host,
+        args.port,
+        args.slots,
+        max_length,
+    )
+    app = build_app(state, drain_timeout=args.shutdown_timeout)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        timeout_graceful_shutdown=args.shutdown_timeout,
+        access_log=args.access_log,
+    )

@@ -1,0 +1,153 @@
+"""The multimodal model: the Qwen3.5 text model with the vision tower beside it.
+
+    h = E[input_ids]
+    h[image pads] = ViT(pixel_values, image_grid_thw)          in order, row after row
+    h[video pads] = ViT(pixel_values_videos, video_grid_thw)
+    positions = get_rope_index(input_ids, grids)              [3, B, T] T/H/W
+    logits = Qwen35 blocks → norm → LM head, as for text
+
+`Qwen35VL` is a `Qwen35` (every text method — `extend`, `mtp_hidden`, … — works unchanged, and its
+text parameters sit at the same paths) with one more submodule, `visual`. Image and video
+positions are found in `input_ids` by the token ids of `config.vision`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwenjax import sharding as ax
+from qwenjax.config import ModelConfig
+from qwenjax.model.params import LoRAConfig
+from qwenjax.model.transformer import Qwen35
+from qwenjax.vision.encoder import VisionEncoder
+from qwenjax.vision.rope_index import check_vision_tokens, get_rope_index
+
+
+def scatter_tokens(x: jax.Array, mask: jax.Array, tokens: jax.Array, what: str) -> jax.Array:
+    """`x [B, T, D]` with its `mask` positions replaced, in row-major order, by `tokens [M, D]`."""
+    if not isinstance(mask, jax.core.Tracer):
+        found = int(mask.sum())
+        if found != tokens.shape[0]:
+            raise ValueError(
+                f"input_ids hold {found} {what} tokens but the {what} inputs give "
+                f"{tokens.shape[0]} (t·h·w/merge² per {what})"
+            )
+    order = jnp.cumsum(mask.reshape(-1)) - 1  # the k-th pad takes token k
+    picked = jnp.take(tokens, jnp.clip(order, 0, tokens.shape[0] - 1), axis=0)
+    return jnp.where(mask[..., None], picked.reshape(x.shape).astype(x.dtype), x)
+
+
+class Qwen35VL(Qwen35):
+    """`model(input_ids, pixel_values=…, image_grid_thw=…)` → logits `[B, T, vocab]`."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype | None = None,
+        lora_config: LoRAConfig | None = None,
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
+        if config.vision is None:
+            raise ValueError("config.vision is None: this config has no vision tower")
+        super().__init__(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            lora_config=lora_config,
+            remat=remat,
+            rngs=rngs,
+        )
+        # Created after the text model, so the text init equals a text-only build's.
+        self.visual = VisionEncoder(
+            config.vision, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs
+        )
+
+    def rope_index(
+        self,
+        input_ids: jax.Array,
+        image_grid_thw: jax.Array | None = None,
+        video_grid_thw: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """mRoPE positions `[3, B, T]` and rope deltas `[B]` (see `vision.rope_index`)."""
+        return get_rope_index(
+            input_ids, self.config.vision, image_grid_thw, video_grid_thw, attention_mask
+        )
+
+    def embed_multimodal(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None = None,
+        image_grid_thw: jax.Array | None = None,
+        pixel_values_videos: jax.Array | None = None,
+        video_grid_thw: jax.Array | None = None,
+    ) -> jax.Array:
+        """Token embeddings `[B, T, D]` with the vision tower's tokens at the pad positions."""
+        vision = self.config.vision
+        x = self.embed(input_ids)
+        inputs = (
+            ("image", vision.image_token_id, pixel_values, image_grid_thw),
+            ("video", vision.video_token_id, pixel_values_videos, video_grid_thw),
+        )
+        for what, token_id, pixels, grid in inputs:
+            if (pixels is None) != (grid is None):
+                raise ValueError(f"pass both the {what} pixel values and their grid, or neither")
+            if pixels is not None:
+                x = scatter_tokens(x, input_ids == token_id, self.visual(pixels, grid), what)
+        return ax.constrain(x, ax.HIDDEN)
+
+    def hidden(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        pixel_values: jax.Array | None = None,
+        image_grid_thw: jax.Array | None = None,
+        pixel_values_videos: jax.Array | None = None,
+        video_grid_thw: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-normed hidden states `[B, T, D]`.
+
+        Without `positions`, multimodal inputs get `get_rope_index` positions and text-only
+        calls the text model's. Packed rows (`segment_ids`) with images need explicit positions.
+        """
+        grids = image_grid_thw is not None or video_grid_thw is not None
+        if grids:
+            check_vision_tokens(input_ids, self.config.vision, image_grid_thw, video_grid_thw)
+        if positions is None and grids:
+            if segment_ids is not None:
+                raise ValueError("packed rows (segment_ids) with images or videos need positions")
+            positions, _ = self.rope_index(input_ids, image_grid_thw, video_grid_thw)
+        ctx = self.context(input_ids, positions, segment_ids)
+        x = self.embed_multimodal(
+            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+        )
+        return self.norm(self.run_blocks(x, ctx))
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        pixel_values: jax.Array | None = None,
+        image_grid_thw: jax.Array | None = None,
+        pixel_values_videos: jax.Array | None = None,
+        video_grid_thw: jax.Array | None = None,
+    ) -> jax.Array:
+        hidden = self.hidden(
+            input_ids,
+            positions,
+            segment_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw,
+        )
+        return self.logits(hidden)
