@@ -19,14 +19,6 @@ from typing import Any
 # ---------------------------------------------------------------------- generate / chat
 # Per-request keys of a JSONL input line besides the sampling parameters (OpenAI names).
 _RECORD_KEYS = ("id", "prompt", "messages", "tools", "enable_thinking")
-# generation_config.json keys read as sampling defaults (with their SamplingParams names).
-_GENERATION_DEFAULTS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +37,9 @@ class _Request:
 
 def _sampling_defaults(args: argparse.Namespace) -> dict[str, Any]:
     """The checkpoint's generation_config.json sampling values, overridden by the flags."""
-    path = Path(args.checkpoint) / "generation_config.json"
-    try:
-        found = json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    defaults = {ours: found[hf] for hf, ours in _GENERATION_DEFAULTS.items() if hf in found}
-    if found.get("do_sample") is False:
-        defaults["temperature"] = 0.0
+    from qwenjax.inference.sampling import checkpoint_defaults
+
+    defaults = checkpoint_defaults(args.checkpoint)
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
         if getattr(args, name, None) is not None:
             defaults[name] = getattr(args, name)

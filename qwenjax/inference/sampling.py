@@ -41,9 +41,12 @@ p_k. Every emitted token is then distributed exactly as the target would have sa
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -438,3 +441,29 @@ def speculative_accept(
         return n.astype(jnp.int32), jnp.where(is_greedy, best[n], drawn).astype(jnp.int32)
 
     return jax.vmap(row)(target_logits, draft_logits, draft_tokens, greedy, keys)
+
+
+# generation_config.json keys used as sampling defaults, with their SamplingParams names.
+_GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+}
+
+
+def checkpoint_defaults(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's `generation_config.json` sampling values as `SamplingParams` fields
+    (requests and flags override them, as in vLLM); {} when the file is absent."""
+    path = Path(checkpoint) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        found = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    defaults = {ours: found[hf] for hf, ours in _GENERATION_DEFAULTS.items() if hf in found}
+    if found.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults

@@ -33,8 +33,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from qwenjax.inference.sampling import checkpoint_defaults
 from qwenjax.serve import anthropic_api, openai_api
-from qwenjax.serve.common import ApiError, ServerState, log, sampling_defaults
+from qwenjax.serve.common import ApiError, ServerState, log
 from qwenjax.serve.metrics import CONTENT_TYPE
 
 API_KEY_ENV = "QWENJAX_API_KEY"
@@ -191,7 +192,7 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
         raise ValueError("--speculative-tokens must be >= 0")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     tokenizer = Tokenizer.from_dir(args.tokenizer or checkpoint)
-    defaults = sampling_defaults(checkpoint)
+    defaults = checkpoint_defaults(checkpoint)
     print(f"loading {checkpoint} ...", file=sys.stderr, flush=True)
     model = load(checkpoint, dtype=args.dtype, mesh=mesh, rules=rules)
     config = model.config

@@ -17,7 +17,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from qwenjax.inference.sampling import SamplingParams
@@ -32,14 +31,6 @@ log = logging.getLogger("qwenjax.serve")
 # the text the template writes after an assistant turn's reasoning.
 THINK_CLOSE = "</think>"
 THINK_END = "\n</think>\n\n"
-# generation_config.json keys used as sampling defaults, with their SamplingParams names.
-_GENERATION_DEFAULTS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-}
 RETRY_AFTER_SECONDS = 1
 
 
@@ -79,22 +70,6 @@ class ServerState:
     def __post_init__(self) -> None:
         if self.metrics is None:
             self.metrics = Metrics(self.scheduler.stats)
-
-
-def sampling_defaults(checkpoint: str | Path) -> dict[str, Any]:
-    """The checkpoint's `generation_config.json` sampling values (request fields override them,
-    as in vLLM); {} when absent."""
-    path = Path(checkpoint) / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        found = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    defaults = {ours: found[hf] for hf, ours in _GENERATION_DEFAULTS.items() if hf in found}
-    if found.get("do_sample") is False:
-        defaults["temperature"] = 0.0
-    return defaults
 
 
 def new_id(prefix: str) -> str:

@@ -45,6 +45,8 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from qwenjax.inference.text import partial_stop_length
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 CALL_OPEN = "<tool_call>"
@@ -149,17 +151,6 @@ def string_parameters(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, se
                 names.add(name)
         out[str(function.get("name", ""))] = names
     return out
-
-
-def _partial_suffix(text: str, tags: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of one of `tags`."""
-    longest = 0
-    for tag in tags:
-        for n in range(min(len(tag) - 1, len(text)), longest, -1):
-            if text.endswith(tag[:n]):
-                longest = n
-                break
-    return longest
 
 
 def _decode_value(value: str) -> Any:
@@ -293,7 +284,7 @@ class ReplyParser:
             key=lambda hit: hit[0],
         )
         if found is None:
-            hold = 0 if final else _partial_suffix(self._buf, tags)
+            hold = 0 if final else partial_stop_length(self._buf, tags)
             self._text(self._buf[: len(self._buf) - hold])
             self._buf = self._buf[len(self._buf) - hold :]
             return False
@@ -422,7 +413,7 @@ class ReplyParser:
     def _step_value(self, final: bool) -> bool:
         i = self._buf.find(PARAMETER_CLOSE)
         if i < 0:
-            hold = 0 if final else _partial_suffix(self._buf, (VALUE_END,))
+            hold = 0 if final else partial_stop_length(self._buf, (VALUE_END,))
             self._value_text(self._buf[: len(self._buf) - hold])
             self._buf = self._buf[len(self._buf) - hold :]
             return False
