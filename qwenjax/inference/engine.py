@@ -98,6 +98,32 @@ def _forced_at(s: DecodeState, req: Requests, new: jax.Array) -> jax.Array:
     return jnp.where(over, end, script)  # a spent budget outranks even the script
 
 
+def empty_state(
+    cache: Cache, width: int, top: int, vocab: int, hidden: int, dtype, pad_id: int, *, real
+) -> DecodeState:
+    """A decode state before any output: buffers `[B, width]`, `top` top-logprob slots, an MTP
+    drafter of width `hidden` (0 without speculation); rows are done unless `real [B]`."""
+    b = real.shape[0]
+    zeros = lambda dt: jnp.zeros((b,), dt)
+    return DecodeState(
+        cache=cache,
+        tokens=jnp.full((b, width), pad_id, jnp.int32),
+        logprobs=jnp.zeros((b, width), jnp.float32),
+        top_ids=jnp.zeros((b, width, top), jnp.int32),
+        top_logprobs=jnp.zeros((b, width, top), jnp.float32),
+        num_out=zeros(jnp.int32),
+        last=zeros(jnp.int32),
+        done=~real,
+        stopped=zeros(bool),
+        counts=jnp.zeros((b, vocab), jnp.int32),
+        draft_hidden=jnp.zeros((b, hidden), dtype),
+        drafted=zeros(jnp.int32),
+        accepted=zeros(jnp.int32),
+        steps=jnp.zeros((), jnp.int32),
+        real=real,
+    )
+
+
 def _sample(logits: jax.Array, s: DecodeState, req: Requests) -> tuple[jax.Array, jax.Array]:
     """`sample`, then what `_forced_at` imposes (with the raw logprob of the forced token)."""
     tok, lp = sample(logits, req.sampling, s.counts, req.in_prompt, s.num_out)
@@ -216,23 +242,8 @@ def _prefill(graphdef, params, ids, lengths, req: Requests, *, opts: Options) ->
     v = logits.shape[-1]
     width = opts.max_new_tokens + k + 1
     slots = opts.num_top_logprobs
-    s = DecodeState(
-        cache=cache,
-        tokens=jnp.full((b, width), opts.pad_id, jnp.int32),
-        logprobs=jnp.zeros((b, width), jnp.float32),
-        top_ids=jnp.zeros((b, width, slots), jnp.int32),
-        top_logprobs=jnp.zeros((b, width, slots), jnp.float32),
-        num_out=jnp.zeros((b,), jnp.int32),
-        last=jnp.zeros((b,), jnp.int32),
-        done=jnp.zeros((b,), bool),
-        stopped=jnp.zeros((b,), bool),
-        counts=jnp.zeros((b, v), jnp.int32),
-        draft_hidden=jnp.zeros((b, model.config.hidden_size if spec else 0), model.dtype),
-        drafted=jnp.zeros((b,), jnp.int32),
-        accepted=jnp.zeros((b,), jnp.int32),
-        steps=jnp.zeros((), jnp.int32),
-        real=req.max_tokens > 0,
-    )
+    d = model.config.hidden_size if spec else 0
+    s = empty_state(cache, width, slots, v, d, model.dtype, opts.pad_id, real=req.max_tokens > 0)
     tok, lp = _sample(logits, s, req)
     top = top_logprobs(logits, slots)
     s = _emit(s, req, tok[:, None], jnp.ones((b,), jnp.int32), lp[:, None], _w1(top), opts)

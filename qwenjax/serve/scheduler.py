@@ -42,8 +42,10 @@ from qwenjax.inference.engine import (
     _decode,
     _emit,
     _host,
+    _sample,
+    empty_state,
 )
-from qwenjax.inference.sampling import SamplingBatch, SamplingParams, sample, top_logprobs
+from qwenjax.inference.sampling import SamplingBatch, SamplingParams, top_logprobs
 from qwenjax.model import Qwen35
 from qwenjax.model.cache import Cache, DeltaNetCache, KVCache, init_cache
 
@@ -211,14 +213,10 @@ def _prefill_chunk(
         h = jnp.take_along_axis(hidden, at, axis=1)  # [1, 1, D]
         logits = model.logits(h)[:, 0].astype(jnp.float32)  # [1, V]
         take = lambda x: _take(x, slot, 0)
-        sampling = jax.tree.map(take, req.sampling)
-        tok, lp = sample(logits, sampling, take(s.counts), take(req.in_prompt), 0)
-        forced = take(req.forced)[:, 0]
-        end, limit = take(req.budget)[:, 0], take(req.budget)[:, 1]
-        forced = jnp.where((forced < 0) & (end >= 0) & (limit <= 0), end, forced)
-        raw = jax.nn.log_softmax(logits, axis=-1)
-        tok = jnp.where(forced >= 0, forced, tok)
-        lp = jnp.where(forced >= 0, raw[0, tok], lp)
+        # The slot's row alone, for the decode step's own sampling (options, forcing, budget);
+        # `_sample` reads only these fields of the state.
+        row_state = dataclasses.replace(s, num_out=take(s.num_out), counts=take(s.counts))
+        tok, lp = _sample(logits, row_state, jax.tree.map(take, req))
         top = top_logprobs(logits, opts.num_top_logprobs)
         b = s.num_out.shape[0]
         mine = jnp.arange(b) == slot
@@ -346,22 +344,10 @@ class Scheduler:
 
         @jax.jit
         def fresh():
-            return DecodeState(
-                cache=init_cache(self.config, b, self.opts.max_length, self.model.dtype, mtp=spec),
-                tokens=jnp.full((b, width), self.pad_id, jnp.int32),
-                logprobs=jnp.zeros((b, width), jnp.float32),
-                top_ids=jnp.zeros((b, width, MAX_TOP_LOGPROBS), jnp.int32),
-                top_logprobs=jnp.zeros((b, width, MAX_TOP_LOGPROBS), jnp.float32),
-                num_out=jnp.zeros((b,), jnp.int32),
-                last=jnp.zeros((b,), jnp.int32),
-                done=jnp.ones((b,), bool),
-                stopped=jnp.zeros((b,), bool),
-                counts=jnp.zeros((b, v), jnp.int32),
-                draft_hidden=jnp.zeros((b, d), self.model.dtype),
-                drafted=jnp.zeros((b,), jnp.int32),
-                accepted=jnp.zeros((b,), jnp.int32),
-                steps=jnp.zeros((), jnp.int32),
-                real=jnp.zeros((b,), bool),
+            cache = init_cache(self.config, b, self.opts.max_length, self.model.dtype, mtp=spec)
+            idle = jnp.zeros((b,), bool)
+            return empty_state(
+                cache, width, MAX_TOP_LOGPROBS, v, d, self.model.dtype, self.pad_id, real=idle
             )
 
         # Committed placement from the start, so the first request's jit signatures equal the
