@@ -94,7 +94,14 @@ class GatedAttention(nnx.Module):
         pos, seg = ctx.token_index, ctx.segment_ids
         o = ax.shard_kernel(
             lambda q, k, v, pos, seg: attention(
-                q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg
+                q,
+                k,
+                v,
+                q_positions=pos,
+                kv_positions=pos,
+                q_segment_ids=seg,
+                kv_segment_ids=seg,
+                positions_in_order=True,  # token_index is arange(T): see Qwen35.context
             ),
             (q, k, v, pos, seg),
             (Q, KV, KV, POS, POS),

@@ -19,48 +19,20 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from qwenjax.kernels.gated_delta_rule import gated_delta_rule
 from qwenjax.kernels.gated_delta_rule.pallas_tpu import gated_delta_rule_pallas_tpu
+from tests.kernels.gdn_cases import (
+    DK,
+    DV,
+    HV,
+    ORACLE_TOL,
+    B,
+    make_inputs,
+    rel_err,
+    segment_ids,
+)
 from tests.oracles.gdn import gated_delta_rule_oracle
-
-B, HK, HV, DK, DV = 2, 2, 6, 24, 40
-ORACLE_TOL = 1e-4  # fp32 kernel vs float64 oracle
-GRAD_TOL = 1e-3  # VJP vs autodiff of the reference
-BF16_TOL = 1e-2  # bf16 output rounding (2**-9) vs the oracle on the same rounded inputs
-
-
-def rel_err(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
-
-
-def segment_ids(seq_len: int) -> np.ndarray:
-    """Several segments per row: a start at the chunk edge (64) and one after it (65); row 1
-    reuses id 0 after id 1, which must still reset the state."""
-    starts = (((20, 1), (64, 2), (65, 3), (100, 4)), ((10, 1), (64, 0), (70, 2)))
-    ids = np.zeros((B, seq_len), np.int32)
-    for row, row_starts in enumerate(starts):
-        for start, seg in row_starts:
-            ids[row, start:] = seg
-    return ids
-
-
-def make_inputs(seed: int, seq_len: int, l2norm: bool = True) -> dict:
-    """Fresh random fp32 inputs with a nonzero initial state; decays log-uniform in [-3, -1e-3]
-    so slow heads carry state across chunks and segment resets visibly matter."""
-    rng = np.random.default_rng(seed)
-    qk_std = 1.0 if l2norm else DK**-0.5  # near unit norm keeps the rule stable without l2norm
-    return {
-        "q": (qk_std * rng.standard_normal((B, seq_len, HK, DK))).astype(np.float32),
-        "k": (qk_std * rng.standard_normal((B, seq_len, HK, DK))).astype(np.float32),
-        "v": rng.standard_normal((B, seq_len, HV, DV)).astype(np.float32),
-        "g": -np.exp(rng.uniform(np.log(1e-3), np.log(3.0), (B, seq_len, HV))).astype(np.float32),
-        "beta": rng.uniform(0.05, 0.95, (B, seq_len, HV)).astype(np.float32),
-        "initial_state": rng.standard_normal((B, HV, DK, DV)).astype(np.float32),
-    }
 
 
 @pytest.mark.parametrize("seq_len", [77, 130])
@@ -73,69 +45,6 @@ def test_tpu_interpreter_matches_oracle(seq_len: int):
     assert state.shape == (B, HV, DK, DV)
     assert rel_err(out, out_ref) <= ORACLE_TOL, f"out rel err {rel_err(out, out_ref):.2e}"
     assert rel_err(state, state_ref) <= ORACLE_TOL, f"state {rel_err(state, state_ref):.2e}"
-
-
-def test_dispatch_values_and_vjp_match_oracle_and_reference():
-    """backend="pallas_tpu" through the dispatch: values vs the oracle, the VJP w.r.t. every
-    differentiable input (random cotangents on out and final state) vs autodiff of the reference."""
-    seq_len = 130
-    x, seg = make_inputs(1, seq_len), segment_ids(seq_len)
-    rng = np.random.default_rng(2)
-    cot = (
-        rng.standard_normal((B, seq_len, HV, DV)).astype(np.float32),
-        rng.standard_normal((B, HV, DK, DV)).astype(np.float32),
-    )
-
-    @functools.partial(jax.jit, static_argnums=1)
-    def values_and_vjp(inputs, backend):
-        fn = functools.partial(gated_delta_rule, segment_ids=seg, backend=backend)
-        outputs, vjp = jax.vjp(lambda kw: fn(**kw), inputs)
-        return outputs, vjp(cot)[0]
-
-    (out, state), grads = values_and_vjp(x, "pallas_tpu")
-    _, grads_ref = values_and_vjp(x, "reference")
-    out_ref, state_ref = gated_delta_rule_oracle(**x, segment_ids=seg)
-    assert rel_err(out, out_ref) <= ORACLE_TOL, f"out rel err {rel_err(out, out_ref):.2e}"
-    assert rel_err(state, state_ref) <= ORACLE_TOL, f"state {rel_err(state, state_ref):.2e}"
-    for name in x:
-        err = rel_err(grads[name], grads_ref[name])
-        assert err <= GRAD_TOL, f"d/d{name}: rel err {err:.2e}"
-
-
-def test_no_segments_no_initial_state_and_options():
-    """The optional inputs absent (None through the custom VJP too), no l2norm, explicit scale."""
-    seq_len, options = 77, {"use_qk_l2norm": False, "scale": 0.7}
-    x = make_inputs(3, seq_len, l2norm=False)
-    del x["initial_state"]
-    fn = functools.partial(gated_delta_rule, backend="pallas_tpu", **options)
-    out, state = jax.jit(fn)(**x)
-    out_ref, state_ref = gated_delta_rule_oracle(**x, **options)
-    assert rel_err(out, out_ref) <= ORACLE_TOL
-    assert rel_err(state, state_ref) <= ORACLE_TOL
-    loss = lambda q, k: jnp.sum(fn(q, k, x["v"], x["g"], x["beta"])[0] ** 2)
-    ref = functools.partial(gated_delta_rule, backend="reference", **options)
-    loss_ref = lambda q, k: jnp.sum(ref(q, k, x["v"], x["g"], x["beta"])[0] ** 2)
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(x["q"], x["k"])
-    grads_ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1)))(x["q"], x["k"])
-    for grad, grad_ref in zip(grads, grads_ref, strict=True):
-        assert rel_err(grad, grad_ref) <= GRAD_TOL
-
-
-def test_bf16_inputs_stay_within_bf16_tolerance():
-    seq_len = 77
-    x = {k: jnp.asarray(v, jnp.bfloat16) for k, v in make_inputs(4, seq_len).items()}
-    x["initial_state"] = x["initial_state"].astype(jnp.float32)
-    seg = segment_ids(seq_len)
-    out, state = jax.jit(functools.partial(gated_delta_rule, backend="pallas_tpu"))(
-        **x, segment_ids=seg
-    )
-    # The oracle sees the same bf16-rounded inputs, so only compute and output rounding remain.
-    out_ref, state_ref = gated_delta_rule_oracle(
-        **{k: np.asarray(v, np.float64) for k, v in x.items()}, segment_ids=seg
-    )
-    assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
-    assert rel_err(out, out_ref) <= BF16_TOL
-    assert rel_err(state, state_ref) <= ORACLE_TOL  # the state never left fp32
 
 
 # Runs in a fresh `JAX_PLATFORMS=cpu` process: the TPU topology comes from libtpu, and the

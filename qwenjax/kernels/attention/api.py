@@ -1,7 +1,14 @@
 """The one attention entry point the model calls.
 
-Backends: "xla" (the reference math, jitted by XLA; runs everywhere). The kernels issue adds
-flash/splash backends behind this same signature.
+Backends:
+  "xla"    the reference math (materialised [B, T, S] mask and logits), jitted by XLA; runs
+           everywhere and handles every mask (decode over a cache, packed documents).
+  "cudnn"  cuDNN's fused flash attention through `jax.nn.dot_product_attention`, for self
+           attention whose positions are in order (training and prefill from scratch): causal by
+           index, packed documents as a segment mask. Measured on an H100 at head dim 256 and
+           GQA 24:4 at 0.92-0.99x torch's SDPA (benchmarks/results/); the XLA path runs out of
+           memory there at 32K tokens.
+"auto" picks "cudnn" on GPU when the call allows it, else "xla".
 """
 
 from __future__ import annotations
@@ -10,7 +17,16 @@ import jax
 
 from qwenjax.kernels.attention.reference import attention_mask, attention_reference
 
-BACKENDS = ("xla",)
+BACKENDS = ("xla", "cudnn")
+
+
+def _cudnn(q, k, v, q_segment_ids, kv_segment_ids, scale):
+    mask = None
+    if q_segment_ids is not None:
+        mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]  # [B,1,T,S]
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, scale=scale, is_causal=True, implementation="cudnn"
+    )
 
 
 def attention(
@@ -24,6 +40,7 @@ def attention(
     kv_segment_ids: jax.Array | None = None,
     causal: bool = True,
     scale: float | None = None,
+    positions_in_order: bool = False,
     backend: str = "auto",
 ) -> jax.Array:
     """Grouped-query attention.
@@ -36,6 +53,9 @@ def attention(
         document. Both or neither.
       causal: hide keys whose position is after the query's.
       scale: logit scale, default `H ** -0.5`.
+      positions_in_order: the caller promises q_positions == kv_positions == arange(T) per row
+        (self attention from scratch), so "causal" is causal by index; this lets "auto" use a
+        fused kernel that takes no positions.
       backend: "auto" or one of `BACKENDS`.
 
     Returns:
@@ -51,5 +71,10 @@ def attention(
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    fused_ok = positions_in_order and causal and q.shape[1] == k.shape[1]
+    if backend == "cudnn" and not fused_ok:
+        raise ValueError("the cudnn backend needs causal self attention with positions_in_order")
+    if backend == "cudnn" or (backend == "auto" and fused_ok and jax.default_backend() == "gpu"):
+        return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, scale)
     mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal)
     return attention_reference(q, k, v, mask, scale)

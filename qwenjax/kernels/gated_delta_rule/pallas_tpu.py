@@ -324,24 +324,12 @@ def gated_delta_rule_pallas_tpu(
 ) -> tuple[jax.Array, jax.Array]:
     """Gated delta rule, forward as a Pallas TPU kernel, backward via the pure-JAX chunked path.
 
-    Args:
-      q: [B, T, Hk, dk] queries.
-      k: [B, T, Hk, dk] keys.
-      v: [B, T, Hv, dv] values, Hv a multiple of Hk.
-      g: [B, T, Hv] log-decays (<= 0).
-      beta: [B, T, Hv] write strengths in (0, 1).
-      scale: query scale; defaults to dk**-0.5.
-      initial_state: [B, Hv, dk, dv] state before token 0 (zeros if None); it applies to the
-        row's first segment only.
-      segment_ids: [B, T] ints; the state is reset wherever the id changes between neighbours.
-      use_qk_l2norm: l2-normalise q and k over dk before use.
+    Arguments and results are those of `api.gated_delta_rule` (shapes, dtypes, the
+    optional initial state and segment ids); this backend adds:
+
       chunk_size: tokens per chunk (a multiple of 16, so bf16 blocks tile).
       interpret: None: Mosaic when lowered for TPU, the HLO interpreter elsewhere; True: the TPU
         interpreter (`pltpu.InterpretParams`) on any platform; False: Mosaic (TPU only).
-
-    Returns:
-      (out [B, T, Hv, dv] in v.dtype, final state [B, Hv, dk, dv] fp32, or
-        float64 for float64 inputs).
     """
     cfg = _Config(
         scale=float(q.shape[-1] ** -0.5 if scale is None else scale),

@@ -91,21 +91,8 @@ def gated_delta_rule_reference(
 ) -> tuple[jax.Array, jax.Array]:
     """Gated delta rule, one `lax.scan` step per token.
 
-    Args:
-      q: [B, T, Hk, dk] queries.
-      k: [B, T, Hk, dk] keys.
-      v: [B, T, Hv, dv] values, Hv a multiple of Hk.
-      g: [B, T, Hv] log-decays (<= 0).
-      beta: [B, T, Hv] write strengths in (0, 1).
-      scale: query scale; defaults to dk**-0.5.
-      initial_state: [B, Hv, dk, dv] state before token 0 (zeros if None); it applies to the
-        row's first segment only.
-      segment_ids: [B, T] ints; the state is reset wherever the id changes between neighbours.
-      use_qk_l2norm: l2-normalise q and k over dk before use.
-
-    Returns:
-      (out [B, T, Hv, dv] in v.dtype, final state [B, Hv, dk, dv] fp32, or
-        float64 for float64 inputs).
+    Arguments and results are those of `api.gated_delta_rule` (shapes, dtypes, the
+    optional initial state and segment ids).
     """
     b, t, hk, dk = q.shape
     hv, dv = v.shape[2:]

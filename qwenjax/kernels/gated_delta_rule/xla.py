@@ -27,6 +27,8 @@ Einsum letters: B batch, M chunks, C / S chunk positions, K key heads, G value h
 head, E key dim, H value dim.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -35,8 +37,8 @@ from qwenjax.kernels.gated_delta_rule.reference import compute_dtype, prepare_qk
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, *operands, precision=_HIGHEST)
+def _einsum(spec: str, *operands: jax.Array, precision=_HIGHEST) -> jax.Array:
+    return jnp.einsum(spec, *operands, precision=precision)
 
 
 def _masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -48,7 +50,7 @@ def _masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
-def _invert_unit_lower(a: jax.Array) -> jax.Array:
+def _invert_unit_lower(a: jax.Array, precision=_HIGHEST) -> jax.Array:
     """(I + a)^-1 for strictly lower-triangular a [..., C, C], by block doubling.
 
     With X_b the inverse of the block-diagonal part of I + a (aligned blocks of size b) and E_b
@@ -65,7 +67,8 @@ def _invert_unit_lower(a: jax.Array) -> jax.Array:
     def level(i, x):
         b = 2**i  # a `fori_loop` rather than a Python loop: one body to compile, not log2(C)
         joins = (rows // (2 * b) == cols // (2 * b)) & (rows // b % 2 == 1) & (cols // b % 2 == 0)
-        return x - _einsum("...ij,...jk,...kl->...il", x, jnp.where(joins, a, 0.0), x)
+        joined = jnp.where(joins, a, 0.0)
+        return x - _einsum("...ij,...jk,...kl->...il", x, joined, x, precision=precision)
 
     eye = jnp.broadcast_to(jnp.eye(c, dtype=a.dtype), a.shape)
     return jax.lax.fori_loop(0, (c - 1).bit_length(), level, eye)
@@ -88,42 +91,80 @@ def _pad_and_chunk(x: jax.Array, pad: int, chunk_size: int, mode: str = "constan
     return x.reshape(x.shape[0], -1, chunk_size, *x.shape[2:])
 
 
-def gated_delta_rule_chunked(
+class ChunkTerms(NamedTuple):
+    """The intra-chunk quantities of the UT / WY form, everything the state pass reads.
+
+    Layouts are per chunk: q, k [B, M, C, K, E]; u [B, M, K, G, C, H]; w [B, M, K, G, C, E];
+    gam, read, write [B, M, K, G, C]; decay [B, M, K, G]; runs [B, M, C]; attn [B, M, K, G, C, S].
+    """
+
+    q: jax.Array  # l2-normalised, scaled
+    k: jax.Array  # l2-normalised
+    u: jax.Array  # Tm diag(beta) V
+    w: jax.Array  # Tm diag(beta exp(gam) m) K
+    gam: jax.Array  # chunk-local inclusive cumsum of g
+    read: jax.Array  # exp(gam) m: how much of the incoming state row r reads
+    write: jax.Array  # exp(gam_last - gam) l: how much of token s reaches the outgoing state
+    decay: jax.Array  # exp(gam_last) [no reset in chunk]: the incoming state's survival
+    runs: jax.Array  # run index of each token (equal runs = same packed document)
+    attn: jax.Array  # (Q K^T) * Gam * L_incl * same_run
+
+
+def ut_transform(
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    gam: jax.Array,
+    read: jax.Array,
+    runs: jax.Array,
+    precision: jax.lax.Precision = _HIGHEST,
+) -> tuple[jax.Array, jax.Array]:
+    """U = Tm diag(beta) V and W = Tm diag(beta * read) K with Tm = (I + A)^-1, all chunks.
+
+    Args: k [B, M, C, K, E]; v [B, M, K, G, C, H]; beta, gam, read [B, M, K, G, C];
+    runs [B, M, C]. Returns u [B, M, K, G, C, H] and w [B, M, K, G, C, E].
+    """
+    c = k.shape[2]
+    same_run = (runs[..., :, None] == runs[..., None, :])[:, :, None, None]  # [B, M, 1, 1, C, S]
+    diff = gam[..., :, None] - gam[..., None, :]  # [B, M, K, G, C, S]
+    decay_strict = _masked_exp(diff, jnp.tri(c, k=-1, dtype=bool) & same_run)
+    kk = _einsum("bmcke,bmske->bmkcs", k, k, precision=precision)[:, :, :, None]
+    a = beta[..., None] * kk * decay_strict  # [B, M, K, G, C, S]
+    # One multiplication by Tm gives U and W together: [beta V | beta exp(gam) m K].
+    k_heads = jnp.moveaxis(k, 3, 2)[:, :, :, None]  # [B, M, K, 1, C, E]
+    rhs = jnp.concatenate(
+        [beta[..., None] * v, (beta * read)[..., None] * k_heads], axis=-1
+    )  # [B, M, K, G, C, H + E]
+    tm = _invert_unit_lower(a, precision)
+    uw = _einsum("bmkgcs,bmkgsn->bmkgcn", tm, rhs, precision=precision)
+    dv = v.shape[-1]
+    return uw[..., :dv], uw[..., dv:]
+
+
+def chunk_terms(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     g: jax.Array,
     beta: jax.Array,
     *,
-    scale: float | None = None,
-    initial_state: jax.Array | None = None,
-    segment_ids: jax.Array | None = None,
-    use_qk_l2norm: bool = True,
-    chunk_size: int = 64,
-) -> tuple[jax.Array, jax.Array]:
-    """Gated delta rule in the chunked UT / WY form.
+    scale: float | None,
+    segment_ids: jax.Array | None,
+    use_qk_l2norm: bool,
+    chunk_size: int,
+    precision: jax.lax.Precision = _HIGHEST,
+    ut=ut_transform,
+) -> ChunkTerms:
+    """Everything of the chunked form that needs no state, for all chunks at once (parallel).
 
-    Args:
-      q: [B, T, Hk, dk] queries.
-      k: [B, T, Hk, dk] keys.
-      v: [B, T, Hv, dv] values, Hv a multiple of Hk.
-      g: [B, T, Hv] log-decays (<= 0).
-      beta: [B, T, Hv] write strengths in (0, 1).
-      scale: query scale; defaults to dk**-0.5.
-      initial_state: [B, Hv, dk, dv] state before token 0 (zeros if None); it applies to the
-        row's first segment only.
-      segment_ids: [B, T] ints; the state is reset wherever the id changes between neighbours.
-      use_qk_l2norm: l2-normalise q and k over dk before use.
-      chunk_size: tokens per chunk.
-
-    Returns:
-      (out [B, T, Hv, dv] in v.dtype, final state [B, Hv, dk, dv] fp32, or
-        float64 for float64 inputs).
+    `precision` is that of the matmuls: HIGHEST keeps fp32 exact on every backend; callers with
+    bf16 inputs may pass DEFAULT (tf32 / bf16 passes), whose error is below the inputs' own.
+    `ut` computes (U, W) with the signature of `ut_transform` (a kernel may replace it).
     """
-    b, t, hk, dk = q.shape
-    hv, dv = v.shape[2:]
+    b, t, hk, _ = q.shape
+    hv = v.shape[2]
     grp, c = hv // hk, chunk_size
-    out_dtype, dtype = v.dtype, compute_dtype(q, k, v)
+    dtype = compute_dtype(q, k, v)
     pad = -t % c
     q, k = prepare_qk(q, k, scale, use_qk_l2norm)
     q = _pad_and_chunk(q, pad, c)  # [B, M, C, K, E]
@@ -146,32 +187,33 @@ def gated_delta_rule_chunked(
     in_last_run = runs == runs[..., -1:]  # [B, M, C]
     carries_state = run_prev == runs[..., -1]  # [B, M]
     same_run = (runs[..., :, None] == runs[..., None, :])[:, :, None, None]  # [B, M, 1, 1, C, S]
+    read = jnp.exp(gam) * sees_state[:, :, None, None]  # [B, M, K, G, C]
+    u, w = ut(k, v, beta, gam, read, runs, precision)
 
     diff = gam[..., :, None] - gam[..., None, :]  # [B, M, K, G, C, S]
-    decay_strict = _masked_exp(diff, jnp.tri(c, k=-1, dtype=bool) & same_run)
     decay_incl = _masked_exp(diff, jnp.tri(c, dtype=bool) & same_run)
-    kk = _einsum("bmcke,bmske->bmkcs", k, k)[:, :, :, None]  # [B, M, K, 1, C, S]
-    qk = _einsum("bmcke,bmske->bmkcs", q, k)[:, :, :, None]  # [B, M, K, 1, C, S]
-    a = beta[..., None] * kk * decay_strict  # [B, M, K, G, C, S]
-    attn = qk * decay_incl  # [B, M, K, G, C, S]
+    qk = _einsum("bmcke,bmske->bmkcs", q, k, precision=precision)[:, :, :, None]
+    return ChunkTerms(
+        q=q,
+        k=k,
+        u=u,
+        w=w,
+        gam=gam,
+        read=read,
+        write=_masked_exp(gam_last[..., None] - gam, in_last_run[:, :, None, None]),
+        decay=jnp.exp(gam_last) * carries_state[:, :, None, None],
+        runs=runs,
+        attn=qk * decay_incl,
+    )
 
-    # One multiplication by Tm gives U and W together: [beta V | beta exp(gam) m K].
-    w_scale = beta * jnp.exp(gam) * sees_state[:, :, None, None]  # [B, M, K, G, C]
-    k_heads = jnp.moveaxis(k, 3, 2)[:, :, :, None]  # [B, M, K, 1, C, E]
-    rhs = jnp.concatenate(
-        [beta[..., None] * v, w_scale[..., None] * k_heads], axis=-1
-    )  # [B, M, K, G, C, H + E]
-    uw = _einsum("bmkgcs,bmkgsn->bmkgcn", _invert_unit_lower(a), rhs)
-    u, w = uw[..., :dv], uw[..., dv:]  # [B, M, K, G, C, H], [B, M, K, G, C, E]
 
-    read_scale = jnp.exp(gam) * sees_state[:, :, None, None]  # [B, M, K, G, C]
-    write_scale = _masked_exp(
-        gam_last[..., None] - gam, in_last_run[:, :, None, None]
-    )  # [B, M, K, G, C]
-    state_decay = jnp.exp(gam_last) * carries_state[:, :, None, None]  # [B, M, K, G]
+def state_pass(terms: ChunkTerms, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The sequential part: carries the state [B, K, G, E, H] through the chunks.
+
+    Returns (out [B, M, K, G, C, H], final state [B, K, G, E, H]).
+    """
 
     def chunk_step(state, xs):
-        # state: [B, K, G, E, H], the recurrent state after the previous chunk.
         q_c, k_c, u_c, w_c, attn_c, read_c, write_c, decay_c = xs
         v_new = u_c - _einsum("bkgce,bkgeh->bkgch", w_c, state)  # [B, K, G, C, H]
         o_c = read_c[..., None] * _einsum("bcke,bkgeh->bkgch", q_c, state)
@@ -181,12 +223,61 @@ def gated_delta_rule_chunked(
         )
         return state, o_c
 
-    if initial_state is None:
-        state = jnp.zeros((b, hk, grp, dk, dv), dtype)
-    else:
-        state = initial_state.astype(dtype).reshape(b, hk, grp, dk, dv)
-    xs = (q, k, u, w, attn, read_scale, write_scale, state_decay)
+    t = terms
+    xs = (t.q, t.k, t.u, t.w, t.attn, t.read, t.write, t.decay)
     xs = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), xs)  # chunks lead for the scan
     state, out = jax.lax.scan(chunk_step, state, xs)  # out: [M, B, K, G, C, H]
-    out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, -1, hv, dv)[:, :t]
-    return out.astype(out_dtype), state.reshape(b, hv, dk, dv)
+    return jnp.moveaxis(out, 0, 1), state
+
+
+def initial_state_or_zeros(
+    initial_state: jax.Array | None, b: int, hk: int, grp: int, dk: int, dv: int, dtype
+) -> jax.Array:
+    """[B, Hv, dk, dv] (or None) -> [B, K, G, E, H] in `dtype`."""
+    if initial_state is None:
+        return jnp.zeros((b, hk, grp, dk, dv), dtype)
+    return initial_state.astype(dtype).reshape(b, hk, grp, dk, dv)
+
+
+def unchunk(out: jax.Array, t: int) -> jax.Array:
+    """[B, M, K, G, C, H] -> [B, T, Hv, H], dropping the end padding."""
+    b, _, hk, grp, _, dv = out.shape
+    return jnp.transpose(out, (0, 1, 4, 2, 3, 5)).reshape(b, -1, hk * grp, dv)[:, :t]
+
+
+def gated_delta_rule_chunked(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    use_qk_l2norm: bool = True,
+    chunk_size: int = 64,
+) -> tuple[jax.Array, jax.Array]:
+    """Gated delta rule in the chunked UT / WY form.
+
+    Arguments and results are those of `api.gated_delta_rule` (shapes, dtypes, the
+    optional initial state and segment ids); this backend adds:
+
+      chunk_size: tokens per chunk.
+    """
+    b, t, hk, dk = q.shape
+    hv, dv = v.shape[2:]
+    terms = chunk_terms(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale=scale,
+        segment_ids=segment_ids,
+        use_qk_l2norm=use_qk_l2norm,
+        chunk_size=chunk_size,
+    )
+    state = initial_state_or_zeros(initial_state, b, hk, hv // hk, dk, dv, terms.u.dtype)
+    out, state = state_pass(terms, state)
+    return unchunk(out, t).astype(v.dtype), state.reshape(b, hv, dk, dv)
