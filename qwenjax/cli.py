@@ -166,6 +166,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-thinking", action="store_true", help="chat: enable_thinking=False")
     gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
     gen.add_argument("--batch-size", type=int, default=8, help="prompts per device batch (8)")
+    gen.add_argument("--max-pixels", type=int, default=None,
+                     help="chat images: at most this many pixels each "
+                          "(default: the checkpoint's)")  # fmt: skip
     _add_sampling_args(gen, 256)
     gen.set_defaults(func=_generate)
 
@@ -175,6 +178,17 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--no-thinking", action="store_true", help="enable_thinking=False")
     ch.add_argument("--preserve-thinking", action="store_true",
                     help="feed earlier turns' reasoning back to the model")  # fmt: skip
+    ch.add_argument("--image", action="append",
+                    help="an image file for the first turn (repeatable; a VLM "
+                         "checkpoint)")  # fmt: skip
+    ch.add_argument("--video", action="append",
+                    help="a directory of video frames for the first turn (repeatable)")  # fmt: skip
+    ch.add_argument("--video-fps", type=float, default=None,
+                    help="frame rate of the --video frames (they are then sampled at the "
+                         "processor's fps; default: all kept, taken as sampled at it)")  # fmt: skip
+    ch.add_argument("--max-pixels", type=int, default=None,
+                    help="resize images to at most this many pixels (default: the "
+                         "checkpoint's)")  # fmt: skip
     _add_sampling_args(ch, 1024)
     ch.set_defaults(func=_chat)
 

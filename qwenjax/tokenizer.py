@@ -241,6 +241,12 @@ class Tokenizer:
         """Text of `ids`; with `skip_special_tokens` the special tokens are left out."""
         return self._backend.decode([int(i) for i in ids], skip_special_tokens)
 
+    def to_json(self) -> str | None:
+        """The Hugging Face `tokenizer.json` text (None for SentencePiece), for libraries that
+        build their own view of the vocabulary (the grammar matcher of `qwenjax.serve.grammar`)."""
+        backend = self._backend
+        return backend.tokenizer.to_str() if isinstance(backend, _HFBackend) else None
+
     def token_to_id(self, token: str) -> int | None:
         """The id of a token string, or None if it is not in the vocabulary."""
         return self._backend.token_to_id(token) if token else None

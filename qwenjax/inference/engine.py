@@ -1,7 +1,9 @@
 """Batched generation: a jitted prefill, then a decode loop that stays on device.
 
     prefill   extend the empty cache with the right-padded prompts (row b keeps its first
-              `lengths[b]` tokens), sample token 1 from each row's last prompt position
+              `lengths[b]` tokens), sample token 1 from each row's last prompt position; with
+              images or videos (`VisionInputs`) the vision tower's tokens replace the pads and
+              the positions are 3-D (mRoPE), and each row's rope delta goes into the cache
     decode    `lax.while_loop`: feed the last token (T = 1, the single-token GDN step), sample,
               append; a row stops at a stop token or its `max_tokens`; the loop ends when every
               row has stopped or `limit` steps ran (so a host can stream in chunks)
@@ -11,6 +13,8 @@
 
 Every row carries its own sampling options (`SamplingBatch`) and PRNG key; a row's randomness is
 `fold_in(key, tokens generated so far)`, so its output does not depend on its batch companions.
+A row samples only among its allowed tokens (`Requests.allowed`, a bitmask the serving scheduler
+rewrites between steps for grammar-constrained requests; all tokens otherwise).
 """
 
 from __future__ import annotations
@@ -37,8 +41,18 @@ from qwenjax.inference.sampling import (
     top_logprobs,
 )
 from qwenjax.model import Qwen35
-from qwenjax.model.cache import Cache, DeltaNetCache, init_cache, logical_axes, write_rows
+from qwenjax.model.cache import (
+    Cache,
+    DeltaNetCache,
+    init_cache,
+    logical_axes,
+    rope_positions,
+    write_rows,
+)
 from qwenjax.model.deltanet import commit_pending
+from qwenjax.vision.encoder import check_grid
+from qwenjax.vision.model import VisionInputs
+from qwenjax.vision.rope_index import check_vision_tokens
 
 # Prompt widths and cache lengths are rounded up to a power of two (at least this), so a growing
 # chat conversation recompiles only when it crosses one.
@@ -80,6 +94,21 @@ class Requests:
     # A reasoning budget: once a row has made `budget[b, 1]` tokens without token
     # `budget[b, 0]` (e.g. `</think>`), that token is forced. -1 = no budget.
     budget: jax.Array  # [B, 2] int32
+    # Constrained decoding: the tokens row b may sample next, one bit per token id (bit v % 32 of
+    # word v // 32; all bits set = unconstrained). A grammar changes it after every token, so the
+    # serving scheduler rewrites it between plain steps; the speculative step does not read it.
+    allowed: jax.Array  # [B, ceil(V / 32)] int32
+
+
+def all_allowed(batch: int, vocab: int) -> np.ndarray:
+    """The `Requests.allowed` of unconstrained rows: `[batch, ceil(vocab / 32)]`, all bits set."""
+    return np.full((batch, -(-vocab // 32)), -1, np.int32)
+
+
+def _unpack(allowed: jax.Array, vocab: int) -> jax.Array:
+    """`[B, W]` packed bits → `[B, V]` bool."""
+    v = jnp.arange(vocab)
+    return (allowed[:, v // 32] >> (v % 32)) & 1 == 1
 
 
 def _forced_at(s: DecodeState, req: Requests, new: jax.Array) -> jax.Array:
@@ -125,13 +154,16 @@ def empty_state(
 
 
 def _sample(logits: jax.Array, s: DecodeState, req: Requests) -> tuple[jax.Array, jax.Array]:
-    """`sample`, then what `_forced_at` imposes (with the raw logprob of the forced token)."""
-    tok, lp = sample(logits, req.sampling, s.counts, req.in_prompt, s.num_out)
+    """`sample` among the allowed tokens, then what `_forced_at` imposes; the logprob is the raw
+    one (before the allowed mask, as for every other processing step)."""
+    allowed = _unpack(req.allowed, logits.shape[-1])
+    tok, _ = sample(
+        jnp.where(allowed, logits, -jnp.inf), req.sampling, s.counts, req.in_prompt, s.num_out
+    )
     forced = _forced_at(s, req, tok[:, None])[:, 0]
     tok = jnp.where(forced >= 0, forced, tok)
     raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    lp = jnp.where(forced >= 0, jnp.take_along_axis(raw, tok[:, None], 1)[:, 0], lp)
-    return tok, lp
+    return tok, jnp.take_along_axis(raw, tok[:, None], 1)[:, 0]
 
 
 @jax.tree_util.register_dataclass
@@ -212,7 +244,7 @@ def commit(old: Cache, new: Cache, pending: tuple, keep: jax.Array) -> Cache:
         if isinstance(o, DeltaNetCache):
             n = jax.vmap(commit_pending, in_axes=(0, 0, None))(o, p, keep)  # over stacked blocks
         blocks.append(n)
-    return Cache(blocks=tuple(blocks), mtp=new.mtp, length=old.length + keep)
+    return dataclasses.replace(new, blocks=tuple(blocks), length=old.length + keep)
 
 
 def _constrain_cache(cache: Cache) -> Cache:
@@ -229,14 +261,20 @@ def _last_logits(model: Qwen35, hidden: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
-def _prefill(graphdef, params, ids, lengths, req: Requests, *, opts: Options) -> DecodeState:
+def _prefill(
+    graphdef, params, ids, lengths, req: Requests, vision: VisionInputs | None, *, opts: Options
+) -> DecodeState:
     model = _model(graphdef, params)
     b = ids.shape[0]
     k = opts.num_speculative_tokens
     spec = k > 0
     cache = init_cache(model.config, b, opts.max_length, model.dtype, mtp=spec)
     cache = _constrain_cache(cache)
-    hidden, cache, _ = model.extend(ids, cache, lengths)  # [B, T, D]
+    positions = None  # the prompt's rotary positions: the slots, unless multimodal
+    if vision is None:
+        hidden, cache, _ = model.extend(ids, cache, lengths)  # [B, T, D]
+    else:
+        hidden, cache, positions = model.extend_multimodal(ids, cache, lengths, **vision.kwargs())
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     logits = _last_logits(model, last)[:, 0]  # [B, V]
     v = logits.shape[-1]
@@ -252,7 +290,7 @@ def _prefill(graphdef, params, ids, lengths, req: Requests, *, opts: Options) ->
         # last prompt token); the output at the last index drafts the first token.
         t = jnp.arange(ids.shape[1])[None, :]
         nxt = jnp.where(t == (lengths - 1)[:, None], tok[:, None], jnp.roll(ids, -1, axis=1))
-        m, mtp = model.mtp_extend(hidden, nxt, cache.mtp, jnp.zeros((b,), jnp.int32))
+        m, mtp = model.mtp_extend(hidden, nxt, cache.mtp, jnp.zeros((b,), jnp.int32), positions)
         drafter = jnp.take_along_axis(m, (lengths - 1)[:, None, None], axis=1)[:, 0]
         s = dataclasses.replace(
             s, cache=dataclasses.replace(s.cache, mtp=mtp), draft_hidden=drafter
@@ -270,6 +308,15 @@ def _plain_step(model: Qwen35, s: DecodeState, req: Requests, opts: Options) -> 
     logits = _last_logits(model, hidden)[:, 0]  # [B, V]
     tok, lp = _sample(logits, s, req)
     top = top_logprobs(logits, opts.num_top_logprobs)
+    if opts.num_speculative_tokens:
+        # A plain step of a speculative job (constrained rows are decoding): keep the MTP cache
+        # and drafter current, so the speculative steps after it draft as well as ever.
+        positions = s.cache.next_positions(1)
+        m, mtp = model.mtp_extend(hidden, tok[:, None], s.cache.mtp, s.cache.length, positions)
+        cache = dataclasses.replace(cache, mtp=mtp)
+        s = dataclasses.replace(
+            s, draft_hidden=jnp.where(active[:, None] > 0, m[:, 0], s.draft_hidden)
+        )
     s = dataclasses.replace(s, cache=cache)
     return _emit(s, req, tok[:, None], active, lp[:, None], _w1(top), opts)
 
@@ -285,7 +332,9 @@ def _draft(model: Qwen35, s: DecodeState, req: Requests, k: int):
     tokens, logits = [], []
     for j in range(k):
         if j:  # MTP index L−1+j pairs the previous MTP hidden with the previous draft
-            hidden, mtp = model.mtp_extend(hidden[:, None], token[:, None], mtp, start + j - 1)
+            at = start + j - 1
+            positions = rope_positions(at, 1, s.cache.rope_delta)
+            hidden, mtp = model.mtp_extend(hidden[:, None], token[:, None], mtp, at, positions)
             hidden = hidden[:, 0]
         q = processed_logits(
             _last_logits(model, hidden[:, None])[:, 0], req.sampling, s.counts, req.in_prompt
@@ -340,7 +389,8 @@ def _speculative_step(model: Qwen35, s: DecodeState, req: Requests, opts: Option
     cache = commit(s.cache, extended, pending, jnp.where(active, n + 1, 0))
     # MTP catch-up: indices L..L+n pair the verified hiddens with the kept tokens; index L+n
     # (the last token, `nxt`) drafts the first token of the next round.
-    m, mtp = model.mtp_extend(hidden, emitted, mtp, s.cache.length)
+    positions = s.cache.next_positions(k + 1)
+    m, mtp = model.mtp_extend(hidden, emitted, mtp, s.cache.length, positions)
     drafter = jnp.take_along_axis(m, n[:, None, None], axis=1)[:, 0]
     s = dataclasses.replace(
         s,
@@ -352,11 +402,14 @@ def _speculative_step(model: Qwen35, s: DecodeState, req: Requests, opts: Option
     return _emit(s, req, emitted, n + 1, lp, top, opts)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("s",))
-def _decode(graphdef, params, s: DecodeState, req: Requests, limit, *, opts: Options):
-    """Decode until every row is done or `limit` loop iterations have run in total."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "plain"), donate_argnames=("s",))
+def _decode(
+    graphdef, params, s: DecodeState, req: Requests, limit, *, opts: Options, plain: bool = False
+):
+    """Decode until every row is done or `limit` loop iterations have run in total (`plain`:
+    one token per iteration even when `opts` speculates, as constrained rows need)."""
     model = _model(graphdef, params)
-    step = _speculative_step if opts.num_speculative_tokens else _plain_step
+    step = _speculative_step if opts.num_speculative_tokens and not plain else _plain_step
 
     def cond(s):
         return (s.steps < limit) & ~jnp.all(s.done)
@@ -458,8 +511,13 @@ class Engine:
         num_speculative_tokens: int = 0,
         pad_id: int = 0,
         default_seed: int | None = None,
+        vision: VisionInputs | None = None,
     ) -> tuple[DecodeState, Requests, Options]:
-        """Prefill; returns the device state to pass to `step` (for streaming) or `finish`."""
+        """Prefill; returns the device state to pass to `step` (for streaming) or `finish`.
+
+        `vision`: the images and videos of the prompts' pad tokens, in row order (the model
+        must be a `Qwen35VL`); `VisionInputs.concat` joins per-prompt inputs.
+        """
         rows = _as_rows(prompts)
         if len(params) != len(rows):
             raise ValueError(f"{len(rows)} prompts but {len(params)} sampling parameter sets")
@@ -489,6 +547,8 @@ class Engine:
         ids = np.full((len(rows), width), pad_id, np.int32)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
+        if vision is not None:
+            self._check_vision(ids, vision)
         k = num_speculative_tokens
         opts = Options(
             max_new_tokens=max_new_tokens,
@@ -517,9 +577,38 @@ class Engine:
                 max_tokens=self._put(max_tokens),
                 forced=self._put(np.full((len(rows), 1), -1, np.int32)),
                 budget=self._put(np.full((len(rows), 2), -1, np.int32)),
+                allowed=self._put(all_allowed(len(rows), v)),
             )
-            state = _prefill(self.graphdef, self.params, ids_d, lengths_d, req, opts=opts)
+            if vision is not None:
+                vision = jax.tree.map(self._replicate, vision)
+            state = _prefill(self.graphdef, self.params, ids_d, lengths_d, req, vision, opts=opts)
         return state, req, opts
+
+    def _replicate(self, x):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return jax.device_put(x, replicated)
+
+    def _check_vision(self, ids: np.ndarray, vision: VisionInputs) -> None:
+        """Clear errors for inputs the jitted prefill could not check."""
+        if not hasattr(self.model, "visual"):
+            raise ValueError(
+                "images or videos need a model with a vision tower: load(..., vision=True)"
+            )
+        merge = self.config.vision.spatial_merge_size
+        for name, pixels, grid in (
+            ("pixel_values", vision.pixel_values, vision.image_grid_thw),
+            ("pixel_values_videos", vision.pixel_values_videos, vision.video_grid_thw),
+        ):
+            if pixels is not None:
+                check_grid(grid, np.shape(pixels)[0], merge, name)
+                if np.shape(pixels)[1] != self.config.vision.patch_dim:
+                    raise ValueError(
+                        f"{name} rows have {np.shape(pixels)[1]} values; this vision tower "
+                        f"takes {self.config.vision.patch_dim} (C·Tp·P·P)"
+                    )
+        check_vision_tokens(ids, self.config.vision, vision.image_grid_thw, vision.video_grid_thw)
 
     def step(self, state: DecodeState, req: Requests, opts: Options, limit: int) -> DecodeState:
         """Run the decode loop until `limit` iterations in total (or all rows are done).
@@ -579,9 +668,17 @@ def generate(
     num_speculative_tokens: int = 2,
     mesh=None,
     rules=None,
+    pixel_values: Any = None,
+    image_grid_thw: Any = None,
+    pixel_values_videos: Any = None,
+    video_grid_thw: Any = None,
 ) -> np.ndarray:
     """New token ids `[B, max_new_tokens]` (numpy) for `input_ids` (`[B, T]` or a list of id
     lists of any lengths); after a row's stop token the positions hold `pad_id`.
+
+    Images and videos (a `Qwen35VL` model) come as transformers' processor outputs:
+    `pixel_values [N, C·Tp·P·P]` with `image_grid_thw [n, 3]` for the image pad runs of
+    `input_ids` in row order, and `pixel_values_videos` / `video_grid_thw` for the video ones.
 
     Sampling options follow the OpenAI Chat Completions names (`temperature=0` is greedy);
     `speculative="mtp"` drafts `num_speculative_tokens` tokens per step with the MTP head (greedy
@@ -601,6 +698,8 @@ def generate(
         logit_bias=logit_bias,
         seed=seed,
     )
+    vision = VisionInputs(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    vision = None if all(x is None for x in vision.kwargs().values()) else vision
     rows = _as_rows(input_ids)
     engine = Engine(model, mesh=mesh, rules=rules)
     out = engine.decode(
@@ -610,5 +709,6 @@ def generate(
         stop_token_ids=stop_token_ids,
         pad_id=pad_id,
         num_speculative_tokens=num_speculative_tokens if speculative else 0,
+        vision=vision,
     )
     return out.tokens

@@ -33,6 +33,7 @@ class _Request:
     chat: bool
     thinking_open: bool
     tools: Any
+    vision: Any = None  # VisionInputs of the messages' images and videos
 
 
 def _sampling_defaults(args: argparse.Namespace) -> dict[str, Any]:
@@ -76,14 +77,22 @@ def _batch_split(mesh) -> int:
     return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def _load_engine(args: argparse.Namespace, mesh, rules):
-    """Load the checkpoint and wrap it in an `Engine`."""
+def _load_engine(args: argparse.Namespace, mesh, rules, *, vision: bool = False):
+    """Load the checkpoint (with its vision tower for `vision`) and wrap it in an `Engine`."""
     from qwenjax.checkpoint import load
     from qwenjax.inference.engine import Engine
 
     print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
-    model = load(args.checkpoint, dtype=args.dtype, mesh=mesh, rules=rules)
+    model = load(args.checkpoint, dtype=args.dtype, mesh=mesh, rules=rules, vision=vision)
     return Engine(model, mesh=mesh, rules=rules)
+
+
+def _processor(args: argparse.Namespace):
+    """The checkpoint's image/video preprocessing, with `--max-pixels` if given."""
+    from qwenjax.vision.processor import Processor
+
+    budget = {"max_pixels": args.max_pixels} if getattr(args, "max_pixels", None) else {}
+    return Processor.from_dir(args.checkpoint, **budget)
 
 
 def _read_records(args: argparse.Namespace) -> list[tuple[str, dict]]:
@@ -113,9 +122,11 @@ def _read_records(args: argparse.Namespace) -> list[tuple[str, dict]]:
     return records
 
 
-def _request(index: int, where: str, record: dict, defaults: dict, args, tokenizer) -> _Request:
+def _request(
+    index: int, where: str, record: dict, defaults: dict, args, tokenizer, processor
+) -> _Request:
     from qwenjax.inference.sampling import SamplingParams
-    from qwenjax.inference.text import chat_prompt, opens_thinking
+    from qwenjax.inference.text import chat_inputs, opens_thinking
 
     names = {f.name for f in dataclasses.fields(SamplingParams)}
     unknown = sorted(set(record) - names - set(_RECORD_KEYS) - {"max_completion_tokens"})
@@ -152,10 +163,13 @@ def _request(index: int, where: str, record: dict, defaults: dict, args, tokeniz
         if tools is not None and not isinstance(tools, list):
             raise ValueError(f"{where}: 'tools' must be a list of tool schemas")
         try:
-            ids = chat_prompt(tokenizer, messages, tools, enable_thinking=thinking)
-        except (TypeError, ValueError) as e:
+            ids, vision = chat_inputs(
+                tokenizer, messages, tools, processor=processor, enable_thinking=thinking
+            )
+        except (TypeError, ValueError, FileNotFoundError) as e:
             raise ValueError(f"{where}: cannot render the messages: {e}") from None
     else:
+        vision = None
         if not isinstance(record["prompt"], str):
             raise ValueError(f"{where}: 'prompt' must be a string, got {record['prompt']!r}")
         ids = tokenizer.encode(record["prompt"])
@@ -170,6 +184,7 @@ def _request(index: int, where: str, record: dict, defaults: dict, args, tokeniz
         chat=chat,
         thinking_open=chat and opens_thinking(tokenizer, ids),
         tools=tools,
+        vision=vision,
     )
 
 
@@ -239,8 +254,9 @@ def run_generate(args: argparse.Namespace) -> None:
     defaults = _sampling_defaults(args)
     tokenizer = Tokenizer.from_dir(args.tokenizer or args.checkpoint)
     records = _read_records(args)
+    processor = _processor(args)
     requests = [
-        _request(i, where, record, defaults, args, tokenizer)
+        _request(i, where, record, defaults, args, tokenizer, processor)
         for i, (where, record) in enumerate(records)
     ]
     mesh, rules = mesh_from_args(args)
@@ -251,7 +267,7 @@ def run_generate(args: argparse.Namespace) -> None:
             "devices (or put the devices on tensor=N with --rules fsdp_tp)"
         )
     batch = -(-min(args.batch_size, len(requests)) // split) * split
-    engine = _load_engine(args, mesh, rules)
+    engine = _load_engine(args, mesh, rules, vision=any(r.vision is not None for r in requests))
     vocab = engine.config.vocab_size
     for r in requests:  # the engine would name a row of a batch; name the request instead
         if max(r.prompt_ids) >= vocab:
@@ -275,15 +291,16 @@ def run_generate(args: argparse.Namespace) -> None:
         for start in range(0, len(requests), batch):
             chunk = requests[start : start + batch]
             pad = batch - len(chunk)
-            shortest = min((r.prompt_ids for r in chunk), key=len)
+            shortest = min(chunk, key=lambda r: len(r.prompt_ids))
             completions = complete(
                 engine,
                 tokenizer,
-                [r.prompt_ids for r in chunk] + [shortest] * pad,
+                [r.prompt_ids for r in chunk] + [shortest.prompt_ids] * pad,
                 [r.params for r in chunk] + [filler] * pad,
                 max_new_tokens=max_new,
                 num_speculative_tokens=args.speculative_tokens,
                 num_top_logprobs=num_top,
+                vision=[r.vision for r in chunk] + [shortest.vision] * pad,
             )[: len(chunk)]
             for r, c in zip(chunk, completions, strict=True):
                 if plain_text:
@@ -364,11 +381,27 @@ class _ReplyPrinter:
         sys.stdout.flush()
 
 
+def _media_parts(args: argparse.Namespace) -> list[dict]:
+    """Content parts of `--image` / `--video` (checked now, loaded at every turn's render)."""
+    parts = []
+    for path in args.image or ():
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--image {path} does not exist")
+        parts.append({"type": "image", "image": path})
+    for path in args.video or ():
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--video {path} is not a directory of frame images")
+        fps = {"fps": args.video_fps} if args.video_fps else {}
+        parts.append({"type": "video", "video": path, **fps})
+    return parts
+
+
 def run_chat(args: argparse.Namespace) -> None:
-    """A conversation on stdin/stdout; each turn renders the whole history with the template."""
+    """A conversation on stdin/stdout; each turn renders the whole history with the template.
+    `--image` / `--video` go into the first user turn (and so stay in the history)."""
     from qwenjax.chat import parse_reply
     from qwenjax.inference.sampling import SamplingParams
-    from qwenjax.inference.text import chat_prompt, opens_thinking, stream
+    from qwenjax.inference.text import chat_inputs, opens_thinking, stream
     from qwenjax.tokenizer import Tokenizer
 
     if args.max_new_tokens < 1 or args.speculative_tokens < 0:
@@ -383,7 +416,9 @@ def run_chat(args: argparse.Namespace) -> None:
             "chat decodes one conversation: give the mesh data=1,fsdp=1 and put the devices on "
             "tensor=N with --rules fsdp_tp"
         )
-    engine = _load_engine(args, mesh, rules)
+    media = _media_parts(args)
+    processor = _processor(args)
+    engine = _load_engine(args, mesh, rules, vision=bool(media))
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
     interactive = sys.stdin.isatty()
@@ -400,10 +435,13 @@ def run_chat(args: argparse.Namespace) -> None:
             history = list(system)
             print("[conversation reset]", flush=True)
             continue
-        messages = [*history, {"role": "user", "content": line}]
-        ids = chat_prompt(
+        first = not any(m["role"] == "user" for m in history)
+        content = [*media, {"type": "text", "text": line}] if media and first else line
+        messages = [*history, {"role": "user", "content": content}]
+        ids, vision = chat_inputs(
             tokenizer,
             messages,
+            processor=processor,
             enable_thinking=False if args.no_thinking else None,
             preserve_thinking=True if args.preserve_thinking else None,
         )
@@ -420,6 +458,7 @@ def run_chat(args: argparse.Namespace) -> None:
                 params,
                 max_new_tokens=args.max_new_tokens,
                 num_speculative_tokens=args.speculative_tokens,
+                vision=vision,
             ):
                 printer.write(delta.text)
                 completion = delta.completion

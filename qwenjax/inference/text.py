@@ -4,6 +4,8 @@ detokenization, batched completions and chat prompts.
     complete     prompts (strings or ids) → `Completion`s: text, ids, finish reason, logprobs
     stream       one prompt → `Delta`s of final text as the device loop produces tokens
     chat_prompt  a conversation → prompt ids, rendered with the checkpoint's chat template
+    chat_inputs  the same for conversations with images and videos: ids with the pads expanded,
+                 and the pixel inputs (`VisionInputs`) to pass along with them
 
 Semantics follow the OpenAI / vLLM APIs:
 
@@ -31,6 +33,8 @@ import numpy as np
 from qwenjax.inference.engine import Engine
 from qwenjax.inference.sampling import SamplingParams
 from qwenjax.tokenizer import Tokenizer
+from qwenjax.vision.model import VisionInputs
+from qwenjax.vision.processor import Processor, extract_media
 
 # Prompt tokens decoded in front of the output, so that a SentencePiece word-start piece keeps its
 # space (decoding on its own would strip it) and byte-level merges see their neighbours.
@@ -235,6 +239,7 @@ class _Run:
         default_seed: int | None,
         skip_special_tokens: bool,
         num_top_logprobs: int | None = None,
+        vision: Sequence[VisionInputs | None] | None = None,
     ):
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
@@ -272,6 +277,7 @@ class _Run:
             num_speculative_tokens=num_speculative_tokens,
             pad_id=tokenizer.pad_id,
             default_seed=default_seed,
+            vision=None if vision is None else VisionInputs.concat(vision),
         )
         self.iterations = 0
         self.tokens = np.zeros((len(rows), 0), np.int32)
@@ -353,6 +359,7 @@ def complete(
     skip_special_tokens: bool = True,
     num_top_logprobs: int | None = None,
     stop_check_interval: int = STOP_CHECK_INTERVAL,
+    vision: Sequence[VisionInputs | None] | None = None,
 ) -> list[Completion]:
     """Generate for a batch of prompts (strings are encoded; id lists are used as they are).
 
@@ -362,7 +369,8 @@ def complete(
     in one device call; with them the host checks every `stop_check_interval` iterations and
     stops once every row has finished. `num_top_logprobs` (default: the largest `top_logprobs`
     requested) fixes the compiled top-logprobs width, so batches asking for different numbers
-    can share one program.
+    can share one program. `vision` gives each prompt's images and videos (None: text), as
+    `chat_inputs` returns them.
     """
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
@@ -376,6 +384,7 @@ def complete(
         default_seed=default_seed,
         skip_special_tokens=skip_special_tokens,
         num_top_logprobs=num_top_logprobs,
+        vision=vision,
     )
     chunk = stop_check_interval if any(p.stop for p in params) else max_new_tokens
     run.poll()
@@ -396,13 +405,14 @@ def stream(
     num_speculative_tokens: int = 0,
     default_seed: int | None = None,
     skip_special_tokens: bool = True,
+    vision: VisionInputs | None = None,
 ) -> Iterator[Delta]:
     """Generate for one prompt, yielding final text as it appears.
 
     Every `chunk` decode-loop iterations (one token each, up to k + 1 with speculative decoding)
     the new tokens are decoded; non-empty text is yielded as a `Delta`. The last `Delta` carries
     the finish reason and the `Completion` (its text is the concatenation of all deltas). The
-    loop stops as soon as a stop string appears.
+    loop stops as soon as a stop string appears. `vision`: the prompt's images and videos.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -415,6 +425,7 @@ def stream(
         num_speculative_tokens=num_speculative_tokens,
         default_seed=default_seed,
         skip_special_tokens=skip_special_tokens,
+        vision=[vision],
     )
     while True:
         (text,) = run.poll()
@@ -436,14 +447,40 @@ def chat_prompt(
     preserve_thinking: bool | None = None,
 ) -> list[int]:
     """Prompt ids of a conversation, ending with the assistant generation prompt."""
-    text = tokenizer.apply_chat_template(
+    if extract_media(messages)[1]:
+        raise ValueError("the messages hold images or videos: use chat_inputs")
+    return tokenizer.encode(_render(tokenizer, messages, tools, enable_thinking, preserve_thinking))
+
+
+def _render(tokenizer: Tokenizer, messages, tools, enable_thinking, preserve_thinking) -> str:
+    return tokenizer.apply_chat_template(
         messages,
         tools,
         add_generation_prompt=True,
         enable_thinking=enable_thinking,
         preserve_thinking=preserve_thinking,
     )
-    return tokenizer.encode(text)
+
+
+def chat_inputs(
+    tokenizer: Tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    processor: Processor | None = None,
+    enable_thinking: bool | None = None,
+    preserve_thinking: bool | None = None,
+) -> tuple[list[int], VisionInputs | None]:
+    """`chat_prompt` for conversations that may hold images and videos (content parts, see
+    `qwenjax.vision.processor`): the prompt ids with every image / video pad expanded to its
+    tokens, and the pixel inputs for `complete` / `stream` / `Engine.start` (None: text only).
+    `processor` (default: the published Qwen3.6 settings) sets the pixel budget.
+    """
+    messages, media = extract_media(messages)
+    text = _render(tokenizer, messages, tools, enable_thinking, preserve_thinking)
+    processor = Processor() if processor is None else processor
+    inputs, timestamps = processor.load(media)
+    return tokenizer.encode(processor.expand(text, inputs, timestamps)), inputs
 
 
 def opens_thinking(tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> bool:

@@ -4,6 +4,9 @@ Per attention layer, a preallocated KV cache (after k_norm and RoPE) `[B, S, K, 
 DeltaNet layer, the conv state (the last W−1 pre-conv inputs) `[B, W−1, C]` in the model dtype
 and the recurrent state `[B, N, E, H]` in fp32. `Cache.length [B]` counts the tokens each row
 holds; the next token of row b goes to slot `length[b]`, so rows may be at different lengths.
+The rotary position of slot p is `p + rope_delta[b]`: 0 for text, and for a row whose prompt
+held images or videos the mRoPE delta of that prompt (`vision.rope_index`), so decoding
+continues after the prompt's largest 3-D position, as transformers does.
 
 Slots at or beyond a row's length may hold stale entries (padding of a prefill, rejected draft
 tokens); they are never read, because a query at slot p attends to slots ≤ p only, and every
@@ -52,11 +55,14 @@ class Cache:
       (leading axis `num_blocks`).
     mtp: the MTP layer's own KV cache (speculative decoding), or None.
     length: `[B]` int32 tokens held per row.
+    rope_delta: `[B]` int32 rotary position minus slot of the next tokens (set by a multimodal
+      prefill), or None: 0 for every row (text only).
     """
 
     blocks: tuple[LayerCache, ...]
     mtp: KVCache | None
     length: jax.Array
+    rope_delta: jax.Array | None = None
 
     @property
     def max_length(self) -> int:
@@ -64,6 +70,16 @@ class Cache:
             if isinstance(layer, KVCache):
                 return layer.k.shape[2]
         raise ValueError("a cache without attention layers has no length limit")
+
+    def next_positions(self, t: int) -> jax.Array:
+        """`[B, t]` rotary positions of the next t tokens of each row."""
+        return rope_positions(self.length, t, self.rope_delta)
+
+
+def rope_positions(start: jax.Array, t: int, rope_delta: jax.Array | None = None) -> jax.Array:
+    """`[B, t]` rotary positions of t tokens at slots `start[b]`, `start[b] + 1`, … of each row."""
+    slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    return slots if rope_delta is None else slots + rope_delta[:, None]
 
 
 def _kv(config: ModelConfig, batch: int, max_length: int, dtype, lead: tuple[int, ...]) -> KVCache:
@@ -113,6 +129,7 @@ def logical_axes(cache: Cache) -> Any:
         blocks=blocks,
         mtp=None if cache.mtp is None else kv(cache.mtp, ()),
         length=(ax.BATCH,),
+        rope_delta=None if cache.rope_delta is None else (ax.BATCH,),
     )
 
 

@@ -12,6 +12,7 @@ block is rematerialised in the backward pass as `remat` says (see `REMAT_POLICIE
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -21,7 +22,7 @@ from flax import nnx
 from qwenjax import sharding as ax
 from qwenjax.config import ModelConfig
 from qwenjax.model.block import HybridBlock
-from qwenjax.model.cache import Cache, KVCache
+from qwenjax.model.cache import Cache, KVCache, rope_positions
 from qwenjax.model.context import Context
 from qwenjax.model.mtp import MTPHead
 from qwenjax.model.norms import RMSNorm
@@ -174,12 +175,18 @@ class Qwen35(nnx.Module):
 
     # ------------------------------------------------------------------ decoding
     def cache_context(
-        self, input_ids: jax.Array, start: jax.Array, num_valid: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        start: jax.Array,
+        num_valid: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> Context:
-        """Context for `input_ids [B, T]` going to cache slots `start[b] + t` (= positions)."""
+        """Context for `input_ids [B, T]` going to cache slots `start[b] + t`; the rotary
+        `positions` (`[B, T]` or `[3, B, T]`) default to the slots."""
         b, t = input_ids.shape
-        slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
-        cos, sin = rope_tables(self.config, slots, self.dtype)
+        slots = rope_positions(start, t)  # [B, T]
+        positions = slots if positions is None else positions
+        cos, sin = rope_tables(self.config, positions, self.dtype)
         num_valid = jnp.full((b,), t, jnp.int32) if num_valid is None else num_valid
         zeros = jnp.zeros((b, t), jnp.int32)
         return Context(cos=cos, sin=sin, token_index=slots, segment_ids=zeros, num_valid=num_valid)
@@ -196,12 +203,21 @@ class Qwen35(nnx.Module):
 
         Row b's first `num_valid[b]` tokens (default all) are kept: they advance the GDN and
         conv states and the cache length; the rest are padding whose outputs are meaningless.
+        Rotary positions continue at `cache.next_positions` (slot + the row's rope delta).
 
         Returns:
           (final-normed hidden `[B, T, D]`, the new cache, and with `keep_pending` the GDN
           inputs `commit` needs to keep fewer tokens — else None).
         """
-        ctx = self.cache_context(input_ids, cache.length, num_valid)
+        positions = cache.next_positions(input_ids.shape[1])
+        ctx = self.cache_context(input_ids, cache.length, num_valid, positions)
+        return self.extend_embedded(self.embed(input_ids), ctx, cache, keep_pending=keep_pending)
+
+    def extend_embedded(
+        self, x: jax.Array, ctx: Context, cache: Cache, *, keep_pending: bool = False
+    ) -> tuple[jax.Array, Cache, Any]:
+        """`extend` from input embeddings `x [B, T, D]` and a `cache_context` (e.g. with the
+        vision tower's tokens in `x` and 3-D positions in `ctx`)."""
         graphdef, state = nnx.split(self.blocks)
 
         def body(x, xs):
@@ -209,18 +225,25 @@ class Qwen35(nnx.Module):
             x, new, pending = nnx.merge(graphdef, block_state).extend(x, ctx, block_cache)
             return ax.constrain(x, ax.HIDDEN), (new, pending if keep_pending else None)
 
-        x, (blocks, pending) = jax.lax.scan(body, self.embed(input_ids), (state, cache.blocks))
-        new = Cache(blocks=blocks, mtp=cache.mtp, length=cache.length + ctx.num_valid)
+        x, (blocks, pending) = jax.lax.scan(body, x, (state, cache.blocks))
+        new = dataclasses.replace(cache, blocks=blocks, length=cache.length + ctx.num_valid)
         return self.norm(x), new, pending
 
     def mtp_extend(
-        self, hidden: jax.Array, next_ids: jax.Array, cache: KVCache, start: jax.Array
+        self,
+        hidden: jax.Array,
+        next_ids: jax.Array,
+        cache: KVCache,
+        start: jax.Array,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        """MTP hidden `[B, T, D]` for trunk indices `start[b] + t` (slot = index = position),
-        writing the MTP layer's KV cache; `next_ids[b, t]` is the token after that index."""
+        """MTP hidden `[B, T, D]` for trunk indices `start[b] + t` (the MTP cache slots),
+        writing the MTP layer's KV cache; `next_ids[b, t]` is the token after that index.
+        `positions` are the trunk's rotary positions of those indices (default: the indices,
+        as for text without a rope delta)."""
         if self.mtp is None:
             raise ValueError("this model has no MTP head (mtp_num_hidden_layers = 0)")
-        ctx = self.cache_context(next_ids, start)
+        ctx = self.cache_context(next_ids, start, positions=positions)
         y, cache = self.mtp.extend(hidden, self.embed(next_ids), ctx, cache)
         return ax.constrain(y, ax.HIDDEN), cache
 

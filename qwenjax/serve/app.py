@@ -1,6 +1,7 @@
 """The `qwenjax serve` HTTP server: a Starlette ASGI app on uvicorn in front of the `Scheduler`.
 
-    GET  /health                      no auth; 200 while the engine runs
+    GET  /health                      no auth; 200 while the engine runs, 503 (naming the
+                                      error) once its loop has died
     GET  /metrics                     Prometheus text (qwenjax:-prefixed vLLM names)
     GET  /v1/models
     POST /v1/chat/completions, /v1/completions, /v1/responses      (openai_api)
@@ -82,7 +83,12 @@ def _endpoint(handler: Handler, api: Any) -> Callable[[Request], Awaitable[Respo
 
 
 async def _health(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    scheduler = request.app.state.qwenjax.scheduler
+    if scheduler.healthy:
+        return JSONResponse({"status": "ok"})
+    error = scheduler.error
+    reason = "is not running" if error is None else f"stopped: {type(error).__name__}: {error}"
+    return JSONResponse({"status": "error", "error": f"the engine loop {reason}"}, 503)
 
 
 async def _metrics(request: Request, state: ServerState) -> Response:

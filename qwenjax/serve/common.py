@@ -3,9 +3,10 @@ framing, and `Generation` — one output of one request, from scheduler events t
 
 `Generation` owns the text side of a request (the scheduler only moves token ids): it decodes
 tokens incrementally with `TextDecoder` (stop strings are applied here and cancel the request
-when one hits), feeds the text to a `ReplyParser`, collects logprobs, enforces a thinking budget
-and records latency metrics. Streaming routes turn its chunks into SSE events; non-streaming
-routes collect the same chunks, so both see exactly the same text and parse.
+when one hits), feeds the text to a `ReplyParser`, collects logprobs, enforces a thinking budget,
+gives the scheduler its grammar (`response_format`) and records latency metrics. Streaming
+routes turn its chunks into SSE events; non-streaming routes collect the same chunks, so both
+see exactly the same text and parse.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from qwenjax.inference.sampling import SamplingParams
 from qwenjax.inference.text import TextDecoder
+from qwenjax.serve.grammar import Grammar, Grammars
 from qwenjax.serve.metrics import Metrics
 from qwenjax.serve.scheduler import QueueFull
 from qwenjax.serve.stream_parser import Event, Parsed, ReplyParser, collect, merge_events
@@ -66,10 +68,13 @@ class ServerState:
     sampling_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     metrics: Metrics = None  # type: ignore[assignment]
+    grammars: Grammars = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.metrics is None:
             self.metrics = Metrics(self.scheduler.stats)
+        if self.grammars is None:
+            self.grammars = Grammars(self.tokenizer, self.vocab_size)
 
 
 def new_id(prefix: str) -> str:
@@ -334,6 +339,8 @@ class Generation:
         thinking_budget: Output tokens allowed before `</think>`: the engine forces that token
             once they are spent without one (only when the reply starts in reasoning), so the
             model has to answer.
+        grammar: The reply's content must match it (`response_format`); it starts after
+            `</think>` when the reply starts in reasoning.
         forced: The test hook's scripted tokens.
     """
 
@@ -349,6 +356,7 @@ class Generation:
         parse_tool_calls: bool = False,
         prefill_text: str = "",
         thinking_budget: int | None = None,
+        grammar: Grammar | None = None,
         forced: list[int] | None = None,
         skip_special_tokens: bool = True,
     ):
@@ -361,6 +369,7 @@ class Generation:
         )
         self._initial_events = self.parser.feed(prefill_text) if prefill_text else []
         self.thinking_budget = thinking_budget
+        self.grammar = grammar
         self.forced = forced
         self._skip_special = skip_special_tokens
         self.decoder = self._decoder(self.prompt_ids)
@@ -394,8 +403,11 @@ class Generation:
         kwargs: dict[str, Any] = {}
         if self.forced is not None:
             kwargs["forced_tokens"] = self.forced
+        end = self.state.tokenizer.token_to_id(THINK_CLOSE)
+        if self.grammar is not None:  # from `</think>` on when the reply opens in reasoning
+            start = end if self.parser.in_reasoning else None
+            kwargs["constraint"] = self.grammar.constraint(start)
         if self.thinking_budget is not None and self.parser.in_reasoning:
-            end = self.state.tokenizer.token_to_id(THINK_CLOSE)
             if end is None:
                 log.warning(
                     "no %s token in the vocabulary: the thinking budget is ignored", THINK_CLOSE

@@ -9,12 +9,15 @@ Choices this server makes where the API leaves room (see also SERVING.md):
 
 * `developer` messages are sent as `system` (the Qwen template rejects the role); leading
   system/developer messages are merged into one, as the template allows only one, first.
-* `tool_choice` "required" or a named function: with no constrained decoding, the reply is
-  started with the call's opening tags (`<tool_call>\\n<function=NAME>\\n`, reasoning closed),
-  so the model must write a call; "none" renders the tools but does not parse calls.
-* `response_format` json_object / json_schema: refused with a 400 (no grammar library here),
-  never silently ignored. Fields the API defines but this server does not implement (`store`,
-  `metadata`, `user`, ...) are accepted and logged; fields it does not define are a 400.
+* `tool_choice` "required" or a named function: the reply is started with the call's opening
+  tags (`<tool_call>\\n<function=NAME>\\n`, reasoning closed), so the model must write a call;
+  "none" renders the tools but does not parse calls.
+* `response_format` (Responses: `text.format`) json_object / json_schema: the content is decoded
+  under the schema's grammar (`qwenjax.serve.grammar`; with thinking on, from `</think>` on), and
+  is not parsed for tool calls; a schema llguidance cannot compile is a 400 naming
+  `response_format.json_schema` with its message. Combined with a forced tool call it is a 400.
+* Fields the API defines but this server does not implement (`store`, `metadata`, `user`, ...)
+  are accepted and logged; fields it does not define are a 400.
 * `max_tokens` larger than the room the context leaves is cut to it (finish reason "length").
 * `reasoning_effort` "none"/"minimal" turns thinking off (unless chat_template_kwargs says).
 """
@@ -56,6 +59,7 @@ from qwenjax.serve.common import (
     submit_all,
     wait_or_disconnect,
 )
+from qwenjax.serve.grammar import Grammar
 
 # Sampling fields shared by every OpenAI route (OpenAI's plus vLLM's extras).
 _SAMPLING = {
@@ -369,8 +373,15 @@ def prepare_chat(
     preserve_thinking: bool | None,
     template_kwargs: Mapping[str, Any] | None = None,
     param: str = "messages",
+    grammar: Grammar | None = None,
 ) -> tuple[list[int], dict[str, Any]]:
     """Prompt ids and the `Generation` keyword arguments of a chat request."""
+    forced_call = choice == "required" or isinstance(choice, dict)
+    if grammar is not None and forced_call:
+        raise invalid(
+            "a JSON response_format cannot be combined with a required tool call (tool_choice)",
+            "response_format",
+        )
     text = render_chat(
         state,
         messages,
@@ -381,7 +392,7 @@ def prepare_chat(
         param=param,
     )
     prefill = ""
-    if choice == "required" or isinstance(choice, dict):
+    if forced_call:
         # No grammar: start the reply with the call's tags, so the model has to write one.
         if text.rstrip().endswith("<think>"):
             text = text.rstrip() + THINK_END
@@ -395,8 +406,9 @@ def prepare_chat(
     gen_kwargs = {
         "thinking_open": opens_thinking(state.tokenizer, ids),
         "tools": tools,
-        "parse_tool_calls": bool(tools) and choice != "none",
+        "parse_tool_calls": bool(tools) and choice != "none" and grammar is None,
         "prefill_text": prefill,
+        "grammar": grammar,
     }
     return ids, gen_kwargs
 
@@ -419,19 +431,26 @@ def _template_flags(body: Mapping[str, Any]) -> tuple[bool | None, bool | None, 
     return enable, preserve, kwargs
 
 
-def _response_format(value: Any, param: str) -> None:
-    if value is None:
-        return
+async def _grammar(state: ServerState, value: Any, param: str, *, flat: bool) -> Grammar | None:
+    """The grammar a `response_format` asks for (None: text). Chat Completions nests the schema
+    as `json_schema.schema`; the Responses API's `text.format` (`flat`) holds `schema` itself."""
     kind = value.get("type") if isinstance(value, dict) else None
-    if kind == "text":
-        return
-    if kind in ("json_object", "json_schema"):
-        raise invalid(
-            f"{param} type '{kind}' is not supported: this server has no constrained decoding "
-            "(no grammar library is installed), and it will not return unconstrained text as JSON",
-            param,
+    if value is None or kind == "text":
+        return None
+    if kind == "json_object":
+        schema, where = {"type": "object"}, param
+    elif kind == "json_schema":
+        where = param if flat else f"{param}.json_schema"
+        holder = (
+            value if flat else field(value, "json_schema", dict, required=True, prefix=param + ".")
         )
-    raise invalid(f"'{param}.type' must be 'text', 'json_object' or 'json_schema'", param)
+        schema = field(holder, "schema", dict, required=True, prefix=where + ".")
+    else:
+        raise invalid(f"'{param}.type' must be 'text', 'json_object' or 'json_schema'", param)
+    try:  # compiling a large schema takes a while: off the event loop
+        return await asyncio.to_thread(state.grammars.json, schema)
+    except ValueError as e:
+        raise invalid(f"'{where}' cannot be used for constrained decoding: {e}", where) from None
 
 
 # ---------------------------------------------------------------------------- output pieces
@@ -554,7 +573,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     messages = chat_messages(body.get("messages"))
     tools = chat_tools(body.get("tools"))
     choice = tool_choice(body.get("tool_choice"), tools)
-    _response_format(body.get("response_format"), "response_format")
+    grammar = await _grammar(state, body.get("response_format"), "response_format", flat=False)
     stream = field(body, "stream", bool, False)
     stream_options = field(body, "stream_options", dict, {})
     include_usage = field(stream_options, "include_usage", bool, False, prefix="stream_options.")
@@ -570,6 +589,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
         enable_thinking=enable,
         preserve_thinking=preserve,
         template_kwargs=template_kwargs,
+        grammar=grammar,
     )
     requested = body.get("max_completion_tokens")
     requested = body.get("max_tokens") if requested is None else requested
@@ -966,7 +986,7 @@ def _response_object(
         "parallel_tool_calls": True,
         "tool_choice": body.get("tool_choice") or "auto",
         "tools": body.get("tools") or [],
-        "text": {"format": {"type": "text"}},
+        "text": body.get("text") or {"format": {"type": "text"}},
         "reasoning": body.get("reasoning"),
         "metadata": body.get("metadata") or {},
         "previous_response_id": None,
@@ -1182,7 +1202,7 @@ async def responses(request: Request, state: ServerState) -> Response:
     if body.get("background"):
         raise invalid("'background' responses are not supported", "background")
     text_options = field(body, "text", dict, {})
-    _response_format(text_options.get("format"), "text.format")
+    grammar = await _grammar(state, text_options.get("format"), "text.format", flat=True)
     messages = _responses_messages(body)
     tools = chat_tools(body.get("tools"), flat=True)
     choice = tool_choice(body.get("tool_choice"), tools)
@@ -1197,6 +1217,7 @@ async def responses(request: Request, state: ServerState) -> Response:
         preserve_thinking=preserve,
         template_kwargs=template_kwargs,
         param="input",
+        grammar=grammar,
     )
     values = {k: body.get(k) for k in _SAMPLING}
     values["max_tokens"] = body.get("max_output_tokens")

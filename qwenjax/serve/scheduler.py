@@ -10,6 +10,12 @@ output buffer, sampling options). A background thread runs the device loop:
     decode     one step for every decoding slot (the engine's jitted step, MTP speculation if on)
     publish    new tokens of each slot go to its request's event stream
 
+Constrained requests (`response_format`) carry a host-side `Constraint` (a grammar matcher). Its
+allowed-token bitmask is a row of `Requests.allowed`, rewritten after every token it takes; so
+while any constrained request holds a slot, every step is a plain one-token step (MTP speculation
+pauses: a draft would need the mask of tokens not yet sampled), and a constrained slot whose
+prefill samples its first token publishes it before the decode step samples the next.
+
 Finished and cancelled requests free their slot at once. Shapes never depend on the requests
 (prefill chunks are bucketed to powers of two), so nothing recompiles while serving. A row's
 computation does not depend on the other rows, so greedy output equals offline `generate`.
@@ -27,7 +33,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +49,7 @@ from qwenjax.inference.engine import (
     _emit,
     _host,
     _sample,
+    all_allowed,
     empty_state,
 )
 from qwenjax.inference.sampling import SamplingBatch, SamplingParams, top_logprobs
@@ -56,6 +63,19 @@ MAX_TOP_LOGPROBS = 20
 
 class QueueFull(Exception):
     """The waiting queue is at its limit (the HTTP layer answers 429 / 529)."""
+
+
+class Constraint(Protocol):
+    """A request's grammar on the host (`qwenjax.serve.grammar.JsonConstraint`), one token at a
+    time: `fill` the allowed tokens of the next one, `advance` by the token sampled."""
+
+    finished: bool  # the grammar is complete: the reply ends here ("stop")
+    error: str | None  # it rejected a token (only a forced one can be): the reply is aborted
+
+    def fill(self, out: np.ndarray) -> None:
+        """Write the packed bitmask of the next token's allowed ids into `out [1, W]` int32."""
+
+    def advance(self, token: int) -> None: ...
 
 
 @dataclasses.dataclass
@@ -126,6 +146,7 @@ class _Slot:
     budget: tuple[int, int] | None = None  # (end-of-reasoning token, reasoning token budget)
     drafted: int = 0  # speculation totals already counted
     accepted: int = 0
+    constraint: Constraint | None = None
 
 
 # ------------------------------------------------------------------------------ device functions
@@ -314,6 +335,13 @@ class Scheduler:
             num_speculative_tokens=self.k,
             pad_id=pad_id,
         )
+        if mesh is None:
+            self._where = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        else:  # replicated to begin with; the rules' constraints shard the cache inside the step
+            self._where = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        # The host copy of `Requests.allowed`; `_dirty`: it changed since the last upload.
+        self._allowed = all_allowed(slots, self.config.vocab_size)
+        self._dirty = False
         self._state, self._req = self._init_device()
         self._free = collections.deque(range(slots))
         self._active: dict[int, _Slot] = {}
@@ -338,6 +366,7 @@ class Scheduler:
             max_tokens=jnp.zeros((b,), jnp.int32),
             forced=jnp.full((b, MAX_FORCED), -1, jnp.int32),
             budget=jnp.full((b, 2), -1, jnp.int32),
+            allowed=jnp.asarray(self._allowed),
         )
         spec = self.k > 0
         d = self.config.hidden_size if spec else 0
@@ -352,20 +381,23 @@ class Scheduler:
 
         # Committed placement from the start, so the first request's jit signatures equal the
         # later ones (an uncommitted input would recompile every function once more).
-        if self.mesh is None:
-            where = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        else:  # replicated to begin with; the rules' constraints shard the cache inside the step
-            where = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         with self._rules():
-            return jax.device_put(fresh(), where), jax.device_put(req, where)
+            return jax.device_put(fresh(), self._where), jax.device_put(req, self._where)
 
-    def _rules(self):
+    def _rules(self, one_row: bool = False):
+        """The mesh rules; `one_row` (a single request's prefill, batch 1) leaves the batch
+        unsplit, since one row cannot be divided over the data axes (heads still are)."""
         if self.mesh is None:
             return contextlib.nullcontext()
-        return ax.use_rules(self.mesh, self.rules or ax.RULES["fsdp"])
+        rules = self.rules or ax.RULES["fsdp"]
+        return ax.use_rules(self.mesh, {**rules, ax.BATCH: None} if one_row else rules)
 
-    def _row_request(self, slot: _Slot) -> Requests:
+    def _row_request(self, index: int, slot: _Slot) -> Requests:
         p, v = slot.params, self.config.vocab_size
+        allowed = self._allowed[index : index + 1]
+        allowed[:] = -1
+        if slot.constraint is not None:
+            slot.constraint.fill(allowed)
         stops = list(
             dict.fromkeys([*(() if p.ignore_eos else self.stop_token_ids), *p.stop_token_ids])
         )
@@ -382,6 +414,7 @@ class Scheduler:
             max_tokens=jnp.asarray([self._max_tokens(p, len(slot.prompt))], jnp.int32),
             forced=jnp.asarray(forced),
             budget=jnp.asarray([slot.budget or (-1, -1)], jnp.int32),
+            allowed=jnp.asarray(allowed),
         )
 
     def _max_tokens(self, p: SamplingParams, prompt_len: int) -> int:
@@ -396,11 +429,13 @@ class Scheduler:
         *,
         forced_tokens: Sequence[int] | None = None,
         reasoning_budget: tuple[int, int] | None = None,
+        constraint: Constraint | None = None,
     ) -> Handle:
         """Queue a request; returns its handle at once (events follow as tokens are made).
 
         `reasoning_budget=(end_token, n)`: if the reply has not produced `end_token` (`</think>`)
         within its first n tokens, that token is forced next (Anthropic's `budget_tokens`).
+        `constraint`: each token is sampled among those it allows (see the module docstring).
         `forced_tokens` is a test hook: output token i is `forced_tokens[i]`.
 
         Raises:
@@ -436,6 +471,7 @@ class Scheduler:
             started=time.perf_counter(),
             forced=list(forced_tokens or []),
             budget=None if reasoning_budget is None else tuple(map(int, reasoning_budget)),
+            constraint=constraint,
         )
         with self._lock:
             if self._error is not None:
@@ -544,19 +580,38 @@ class Scheduler:
                 slot, index = self._waiting.popleft(), self._free.popleft()
                 self._active[index] = slot
             self._state, self._req = _admit(
-                self._state, self._req, jnp.int32(index), self._row_request(slot)
+                self._state, self._req, jnp.int32(index), self._row_request(index, slot)
             )
 
     def _step(self) -> None:
         prefilling = [i for i, s in self._active.items() if s.prefilled < len(s.prompt)]
         if prefilling:  # one chunk per iteration: running streams keep their pace
-            self._prefill_one(min(prefilling, key=lambda i: self._active[i].started))
+            index = min(prefilling, key=lambda i: self._active[i].started)
+            slot = self._active[index]
+            self._prefill_one(index)
+            if slot.constraint is not None and slot.prefilled == len(slot.prompt):
+                self._publish()  # its grammar takes the first token before the next is sampled
         if any(s.prefilled == len(s.prompt) and s.delivered > 0 for s in self._active.values()):
             before = self._state.steps
+            # Constrained rows take one token at a time (without speculation, no other variant).
+            plain = self.k > 0 and any(s.constraint is not None for s in self._active.values())
+            self._upload_allowed()
             self._state = _decode(
-                self.graphdef, self.params, self._state, self._req, before + 1, opts=self.opts
+                self.graphdef,
+                self.params,
+                self._state,
+                self._req,
+                before + 1,
+                opts=self.opts,
+                plain=plain,
             )
         self._publish()
+
+    def _upload_allowed(self) -> None:
+        if self._dirty:
+            allowed = jax.device_put(self._allowed, self._where)
+            self._req = dataclasses.replace(self._req, allowed=allowed)
+            self._dirty = False
 
     def _prefill_one(self, index: int) -> None:
         slot = self._active[index]
@@ -570,18 +625,19 @@ class Scheduler:
         following = slot.prompt[lo + 1 : hi + 1]
         nxt[0, : len(following)] = following
         last = hi == len(slot.prompt)
-        self._state = _prefill_chunk(
-            self.graphdef,
-            self.params,
-            self._state,
-            self._req,
-            jnp.int32(index),
-            jnp.asarray(ids),
-            jnp.int32(n),
-            jnp.asarray(nxt),
-            opts=self.opts,
-            last=last,
-        )
+        with self._rules(one_row=True):
+            self._state = _prefill_chunk(
+                self.graphdef,
+                self.params,
+                self._state,
+                self._req,
+                jnp.int32(index),
+                jnp.asarray(ids),
+                jnp.int32(n),
+                jnp.asarray(nxt),
+                opts=self.opts,
+                last=last,
+            )
         slot.prefilled = hi
 
     def _publish(self) -> None:
@@ -600,6 +656,8 @@ class Scheduler:
                 self._emit_event(
                     s, tokens[i, :new], lps[i, :new], top_ids[i, :new], top_lps[i, :new]
                 )
+                if s.constraint is not None:
+                    finished = self._advance(i, s, tokens[i, :new], finished) or finished
             # Speculation counters advance every step (a slot's totals restart at admission).
             grew = int(drafted[i]) - s.drafted
             if grew > 0:
@@ -610,7 +668,28 @@ class Scheduler:
                 )
                 s.drafted, s.accepted = int(drafted[i]), int(accepted[i])
             if finished:
-                self._free_slot(i, "stop" if stopped[i] else "length")
+                self._free_slot(i, self._reason(s, bool(stopped[i])))
+
+    def _advance(self, index: int, s: _Slot, tokens: np.ndarray, done: bool) -> bool:
+        """Feed a constrained slot's new tokens to its grammar and, unless the row is `done`,
+        refresh its allowed tokens; True when the grammar ended the reply (complete, or a
+        rejected forced token)."""
+        c = s.constraint
+        for t in tokens:
+            c.advance(int(t))
+            if c.finished or c.error is not None:
+                return True
+        if not done:
+            c.fill(self._allowed[index : index + 1])
+            self._dirty = True
+        return False
+
+    @staticmethod
+    def _reason(s: _Slot, stopped: bool) -> str:
+        c = s.constraint
+        if c is not None and c.error is not None:
+            return "abort"
+        return "stop" if stopped or (c is not None and c.finished) else "length"
 
     def _emit_event(self, s: _Slot, tokens, lps, top_ids, top_lps, finish: str | None = None):
         p = s.params

@@ -12,6 +12,9 @@ keeps the same `[B, T]` sharding. The MTP gradient flows into the trunk (Megatro
 
 Batch (all int32 `[..., B, T]`): `input_ids`, `segment_ids`, `positions` (restarting at 0 per
 document), `loss_mask` (1 where token t is a trained target, i.e. predicting it counts).
+Image and video rows (a `Qwen35VL` model) add the processor's `pixel_values` / `image_grid_thw`
+/ `pixel_values_videos` / `video_grid_thw` of the batch (`VISION_KEYS`), and their `positions`
+are the 3-D mRoPE positions `[3, B, T]` of `vision.rope_index.get_rope_index`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from qwenjax.kernels.cross_entropy import cross_entropy
 from qwenjax.model import Qwen35
 
 Batch = dict[str, jax.Array]
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 def _shift(x: jax.Array, k: int) -> jax.Array:
@@ -73,7 +77,8 @@ def loss_fn(
     n_main, n_mtp = target_counts(batch) if counts is None else counts
     ids, positions, segments = batch["input_ids"], batch["positions"], batch["segment_ids"]
 
-    hidden = model.hidden(ids, positions, segments)  # [B, T, D]
+    vision = {k: batch[k] for k in VISION_KEYS if k in batch}
+    hidden = model.hidden(ids, positions, segments, **vision)  # [B, T, D]
     head = model.head_weight()  # [D, V]
     ce_sum, tokens = cross_entropy(hidden, head, main_targets, main_mask, chunk_size=ce_chunk)
     ce_loss = ce_sum / jnp.maximum(n_main, 1)

@@ -10,7 +10,8 @@ float summation order), not a mean of per-micro-batch means.
 Precision: the trainable parameters are fp32 master weights (so are the Adam moments); the
 model's compute dtype (e.g. bf16, fixed by `build(dtype=...)`) applies inside the forward pass,
 where each layer casts its weights on use. With LoRA only the `nnx.LoRAParam` adapters train:
-the base stays in `TrainState.frozen`, sharded as it was, and gets no gradient.
+the base stays in `TrainState.frozen`, sharded as it was, and gets no gradient. A vision
+tower (`Qwen35VL`) is frozen too: only the language model trains.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ class TrainState:
 
 
 def split_model(model: Qwen35) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """`(graphdef, trainable, frozen)`: LoRA adapters if the model has any, else all parameters."""
+    """`(graphdef, trainable, frozen)`: LoRA adapters if the model has any, else all parameters
+    but the vision tower's."""
     has_lora = bool(jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
-    return nnx.split(model, nnx.LoRAParam if has_lora else nnx.Param, ...)
+    text = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("visual")))
+    return nnx.split(model, nnx.LoRAParam if has_lora else text, ...)
 
 
 def make_grad_fn(

@@ -70,6 +70,58 @@ def test_seven_requests_on_three_slots_equal_offline_generate(model, prompts, k)
         scheduler.stop()
 
 
+class OnlyTokens:
+    """A `Constraint` that allows a fixed set of ids (ending the reply after `stop_after`)."""
+
+    def __init__(self, ids: list[int], stop_after: int | None = None):
+        bits = np.zeros((1, 512), bool)
+        bits[0, ids] = True  # bit t % 32 of word t // 32 (a little-endian host)
+        self.mask = np.packbits(bits, axis=1, bitorder="little").view(np.int32)
+        self.stop_after = stop_after
+        self.seen: list[int] = []
+        self.finished, self.error = False, None
+
+    def fill(self, out: np.ndarray) -> None:
+        out[:] = self.mask
+
+    def advance(self, token: int) -> None:
+        self.seen.append(token)
+        self.finished = len(self.seen) == self.stop_after
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_constrained_rows_sample_only_allowed_tokens(model, prompts, k):
+    """A constraint's mask holds on its row from the first token (the prefill's sample) on, so
+    its greedy output equals offline generate with every other token biased away; its end
+    finishes the request ("stop"); and the rows beside it still equal offline generate (with
+    speculation, which pauses while a constrained row runs)."""
+    allowed = list(range(0, 512, 3))
+    banned = {t: -100.0 for t in range(512) if t % 3}
+    expected = generate(model, prompts[2:5], 9)
+    masked = generate(model, prompts[:2], 9, logit_bias=banned)
+    scheduler = Scheduler(
+        model, slots=3, max_length=128, prefill_chunk=16, num_speculative_tokens=k
+    )
+    scheduler.start()
+    try:
+        free = [scheduler.submit(p, GREEDY) for p in prompts[2:5]]
+        whole, cut = OnlyTokens(allowed), OnlyTokens(allowed, stop_after=4)
+        constrained = [
+            scheduler.submit(prompts[0], GREEDY, constraint=whole),
+            scheduler.submit(prompts[1], GREEDY, constraint=cut),  # a 3-chunk prefill
+        ]
+        for h, want in zip(free, expected, strict=True):
+            assert collect(h)[0] == want.tolist()
+        tokens, last = collect(constrained[0])
+        assert tokens == whole.seen == masked[0].tolist() and last.finish_reason == "length"
+        assert all(t % 3 == 0 for t in tokens)
+        tokens, last = collect(constrained[1])
+        assert tokens == cut.seen == masked[1, :4].tolist() and last.finish_reason == "stop"
+        assert scheduler.stats()["slots_used"] == 0
+    finally:
+        scheduler.stop()
+
+
 @pytest.fixture(scope="module")
 def scheduler(model):
     s = Scheduler(model, slots=2, max_length=96, prefill_chunk=16, max_waiting=3)

@@ -105,10 +105,15 @@ class FakeScheduler:
         self.prompt_tokens = 0
         self.generated = 0
         self.started = self.stopped = False
+        self.error: BaseException | None = None  # set by a test: the engine loop "died"
         self._ids = itertools.count()
 
     def start(self) -> None:
         self.started = True
+
+    @property
+    def healthy(self) -> bool:
+        return self.started and not self.stopped and self.error is None
 
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
         self.stopped = True

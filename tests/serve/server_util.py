@@ -1,16 +1,27 @@
 """Running a server for the tests: the app on uvicorn in a thread (over a scheduler double), or
-a real `qwenjax serve` process; both on a free localhost port, waited for via /health."""
+a real `qwenjax serve` process on the tiny checkpoint; both on a free localhost port, waited for
+via /health. `offline` is the reference the real server's greedy output is compared with."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
+import numpy as np
 import uvicorn
+
+import qwenjax
+from qwenjax.config import ModelConfig
+from qwenjax.testing.hf_checkpoint import write_random_hf_checkpoint
+from qwenjax.testing.tiny_data import save_tiny_tokenizer
 
 
 def free_port() -> int:
@@ -88,3 +99,60 @@ def metric(text: str, name: str) -> float | None:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return None
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    """The random tiny model (seed 3) with the tiny byte-level tokenizer, in HF layout."""
+    write_random_hf_checkpoint(path, ModelConfig.from_preset("tiny"), seed=3)
+    save_tiny_tokenizer(path)
+    return path
+
+
+def start_server(checkpoint: Path, log_path: Path, key: str, *args: str) -> subprocess.Popen:
+    """`qwenjax serve` on CPU with test hooks (`args`: more flags), healthy; `.base` is its URL
+    and `.log_path` its log. The caller kills it."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_backend_optimization_level=0",
+        "QWENJAX_API_KEY": key,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "qwenjax.cli",
+        "serve",
+        "--checkpoint",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--enable-test-hooks",
+        *args,
+    ]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, 180, alive=lambda: proc.poll() is None)
+    except Exception:
+        proc.kill()
+        raise AssertionError("server did not start:\n" + log_path.read_text()[-3000:]) from None
+    proc.base, proc.log_path = base, log_path
+    return proc
+
+
+def offline(model, tok, prompts: list[list[int]], budgets: list[int]) -> list[str]:
+    """Greedy text of each prompt from `qwenjax.generate`, cut at its budget or first EOS."""
+    out = qwenjax.generate(
+        model, prompts, max(budgets), stop_token_ids=tok.eos_token_ids, pad_id=tok.pad_id
+    )
+    texts = []
+    for row, budget in zip(np.asarray(out), budgets, strict=True):
+        ids = []
+        for t in row[:budget]:
+            if int(t) in tok.eos_token_ids:
+                break
+            ids.append(int(t))
+        texts.append(tok.decode(ids, skip_special_tokens=True))
+    return texts

@@ -522,7 +522,27 @@ BAD_CHAT = [
         "tools[0].function.parameters",
     ),
     (
-        {"model": MODEL, "messages": USER, "response_format": {"type": "json_object"}},
+        {
+            "model": MODEL,
+            "messages": USER,
+            "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "x"}}},
+        },
+        400,
+        "response_format.json_schema",
+    ),
+    (
+        {
+            "model": MODEL,
+            "messages": USER,
+            "response_format": {"type": "json_object"},
+            "tools": TOOLS,
+            "tool_choice": "required",
+        },
+        400,
+        "response_format",
+    ),
+    (
+        {"model": MODEL, "messages": USER, "response_format": {"type": "yaml"}},
         400,
         "response_format",
     ),

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import anthropic
@@ -22,13 +19,9 @@ import numpy as np
 import openai
 import pytest
 
-import qwenjax
 from qwenjax.checkpoint import load
-from qwenjax.config import ModelConfig
-from qwenjax.testing.hf_checkpoint import write_random_hf_checkpoint
-from qwenjax.testing.tiny_data import save_tiny_tokenizer
 from qwenjax.tokenizer import Tokenizer
-from tests.serve.server_util import free_port, http, metric, wait_healthy
+from tests.serve.server_util import http, metric, offline, start_server, tiny_checkpoint
 
 KEY = "sk-test"
 SLOTS = 8
@@ -56,10 +49,7 @@ ANSWER = "Done.\n</think>\n\nIt is sunny.<|im_end|>"
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve_ckpt") / "tiny-qwen"
-    write_random_hf_checkpoint(path, ModelConfig.from_preset("tiny"), seed=3)
-    save_tiny_tokenizer(path)
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve_ckpt") / "tiny-qwen")
 
 
 @pytest.fixture(scope="module")
@@ -69,44 +59,10 @@ def tok(ckpt):
 
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
-    port = free_port()
     log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_backend_optimization_level=0",
-        "QWENJAX_API_KEY": KEY,
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "qwenjax.cli",
-        "serve",
-        "--checkpoint",
-        str(ckpt),
-        "--port",
-        str(port),
-        "--slots",
-        str(SLOTS),
-        "--max-length",
-        str(MAX_LENGTH),
-        "--prefill-chunk",
-        "16",
-        "--max-waiting",
-        "64",
-        "--enable-test-hooks",
-        "--shutdown-timeout",
-        "20",
-    ]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, 180, alive=lambda: proc.poll() is None)
-    except Exception:
-        proc.kill()
-        raise AssertionError("server did not start:\n" + log_path.read_text()[-3000:]) from None
-    proc.base, proc.log_path = base, log_path
+    flags = ["--slots", str(SLOTS), "--max-length", str(MAX_LENGTH), "--prefill-chunk", "16"]
+    flags += ["--max-waiting", "64", "--shutdown-timeout", "20"]
+    proc = start_server(ckpt, log_path, KEY, *flags)
     yield proc
     if proc.poll() is None:
         proc.kill()
@@ -126,22 +82,6 @@ def claude(server):
 @pytest.fixture(scope="module")
 def model(ckpt):
     return load(ckpt)
-
-
-def offline(model, tok, prompts: list[list[int]], budgets: list[int]) -> list[str]:
-    """Greedy text of each prompt from `qwenjax.generate`, cut at its budget or first EOS."""
-    out = qwenjax.generate(
-        model, prompts, max(budgets), stop_token_ids=tok.eos_token_ids, pad_id=tok.pad_id
-    )
-    texts = []
-    for row, budget in zip(np.asarray(out), budgets, strict=True):
-        ids = []
-        for t in row[:budget]:
-            if int(t) in tok.eos_token_ids:
-                break
-            ids.append(int(t))
-        texts.append(tok.decode(ids, skip_special_tokens=True))
-    return texts
 
 
 def forced(text: str) -> dict:

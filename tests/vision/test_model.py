@@ -14,48 +14,10 @@ from qwenjax.checkpoint import load
 from qwenjax.vision.config import VisionConfig
 from qwenjax.vision.rope_index import get_rope_index
 from tests.conftest import rel_err
-from tests.vision.conftest import TOKEN_IDS
+from tests.vision.conftest import END, IMAGE, START, TOKEN_IDS, VIDEO, Prompt, hf_logits, patches
 
 TOL = 1e-4
-IMAGE, VIDEO = TOKEN_IDS["image_token_id"], TOKEN_IDS["video_token_id"]
-START, END = TOKEN_IDS["vision_start_token_id"], TOKEN_IDS["vision_end_token_id"]
 VISION = VisionConfig(**TOKEN_IDS, out_hidden_size=80)
-
-
-class Prompt:
-    """Builds token rows the way the processor expands them (text ids below 290)."""
-
-    def __init__(self, seed: int):
-        self.rng = np.random.default_rng(seed)
-        self.images, self.videos = [], []
-
-    def text(self, n: int) -> list[int]:
-        return [int(i) for i in self.rng.integers(0, 290, n)]
-
-    def image(self, h: int, w: int) -> list[int]:
-        self.images.append((1, h, w))
-        return [START] + [IMAGE] * (h * w // 4) + [END]
-
-    def video(self, t: int, h: int, w: int) -> list[int]:
-        """Per temporal patch: "<x.x seconds>" (here 3 text ids) + start + pads + end, all
-        inside the template's own start/end pair (transformers replaces only the pad)."""
-        self.videos.append((t, h, w))
-        ids = [START]
-        for _ in range(t):
-            ids += self.text(3) + [START] + [VIDEO] * (h * w // 4) + [END]
-        return [*ids, END]
-
-    def batch(self, rows: list[list[int]], *, left_pad: bool = False):
-        """ids [B, T] padded with text, the attention mask, and the grids (None when empty)."""
-        width = max(map(len, rows))
-        ids, mask = [], []
-        for row in rows:
-            pad = self.text(width - len(row))
-            ids.append(pad + row if left_pad else row + pad)
-            real = [1] * len(row)
-            mask.append([0] * len(pad) + real if left_pad else real + [1] * len(pad))
-        grid = lambda g: np.array(g, np.int64) if g else None
-        return np.array(ids), np.array(mask), grid(self.images), grid(self.videos)
 
 
 def hf_rope_index(hf, ids, images, videos, mask=None):
@@ -99,23 +61,6 @@ def test_rope_index_equals_transformers(hf_vlm, left_pad):
 @pytest.fixture(scope="module")
 def model(hf_vlm):
     return load(hf_vlm[1], vision=True)
-
-
-def hf_logits(hf, ids, **inputs) -> np.ndarray:
-    kinds = np.where(ids == IMAGE, 1, np.where(ids == VIDEO, 2, 0))
-    inputs = {k: torch.from_numpy(v) for k, v in inputs.items() if v is not None}
-    with torch.no_grad():
-        out = hf(
-            input_ids=torch.from_numpy(ids), mm_token_type_ids=torch.from_numpy(kinds), **inputs
-        )
-    return out.logits.numpy()
-
-
-def patches(grid, seed: int) -> np.ndarray | None:
-    if grid is None:
-        return None
-    n = int(grid.prod(axis=1).sum())
-    return np.random.default_rng(seed).standard_normal((n, 1536)).astype(np.float32)
 
 
 def test_mixed_batch_matches_transformers(hf_vlm, model):
