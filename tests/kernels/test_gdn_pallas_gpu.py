@@ -52,8 +52,8 @@ def test_bad_launch_options_raise(options, message):
 
 
 def test_lowers_to_triton_at_27b_geometry():
-    """fwd + bwd at the 27B layer (Hk 16, Hv 48, d 128, T 4096, bf16) lower to three Triton
-    kernels for CUDA: the UT transform and the state pass forward and backward."""
+    """fwd + bwd at the 27B layer (Hk 16, Hv 48, d 128, T 4096, bf16) lower to four Triton
+    kernels for CUDA: the UT transform and the state pass, each forward and backward."""
     b, t, hk, hv, d = 1, 4096, 16, 48, 128
     spec = jax.ShapeDtypeStruct
     args = (
@@ -70,5 +70,6 @@ def test_lowers_to_triton_at_27b_geometry():
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
     text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    for name in ("gated_delta_rule_ut", "gated_delta_rule_state_fwd", "gated_delta_rule_state_bwd"):
+    names = ("ut", "ut_bwd", "state_fwd", "state_bwd")
+    for name in (f"gated_delta_rule_{n}" for n in names):
         assert name in text, f"{name} missing from the CUDA lowering"

@@ -1,10 +1,13 @@
-"""Chunked gated delta rule with the state pass as Pallas GPU (Triton) kernels, fwd and bwd.
+"""Chunked gated delta rule as Pallas GPU (Triton) kernels, forward and backward.
 
 The chunked form (`xla.py`) splits into terms that need no state, computed for all chunks at
-once by `xla.chunk_terms` (parallel batched matmuls: A, (I + A)^-1 by block doubling, U, W, the
-decay scales), and the state pass, which is sequential over chunks. In pure JAX that pass is a
-`lax.scan` whose every step is a handful of small launches; here it is one kernel per direction.
-Per chunk, with S the fp32 state [E, H] before the chunk and D the decay mask of the chunk:
+once by `xla.chunk_terms`, and the state pass, which is sequential over chunks. Four kernels:
+the UT transform (A, (I + A)^-1 by block doubling, U, W; one program per chunk and value head)
+and its backward, which recompute Tm; the state pass forward and backward. The cheap elementwise
+terms (l2norm, scale, the decay cumsum and scales) stay jnp, fused by XLA and differentiated by
+JAX. In pure JAX the state pass is a `lax.scan` whose every step is a handful of small launches;
+here it is one kernel per direction. Per chunk, with S the fp32 state [E, H] before the chunk
+and D the decay mask of the chunk:
 
     Vn = U - W S                                   per-token deltas [C, H]
     O  = read * (Q S) + ((Q K^T) * D) Vn           D_rs = exp(gam_r - gam_s) [s <= r, same run]
@@ -27,8 +30,8 @@ chunk), recomputing Vn and the mask:
     dS    = decay * dS' + Q^T (read * dO) - W^T dVn
 
 Terms summed over H (dW, dQ, dK, dread, dwrite, ddecay, dgam) are written per value block and
-summed outside, as are dQ, dK over the G value heads that share a key head. Everything upstream of
-the pass (l2norm, scale, the UT transform) is differentiated by JAX through `chunk_terms`.
+summed outside, as are dQ, dK over the G value heads that share a key head (the same for dK of
+the UT transform).
 
 Precision: the state and every accumulation are fp32. For fp32 (or float64) inputs the matmul
 operands are fp32 at HIGHEST precision (IEEE on the tensor cores' fp32 path, not tf32). For bf16 or
@@ -54,7 +57,6 @@ from qwenjax.kernels.gated_delta_rule.xla import (
     chunk_terms,
     initial_state_or_zeros,
     unchunk,
-    ut_transform,
 )
 
 
@@ -200,36 +202,77 @@ def _bwd_kernel(
     ds0_ref[...] = ds
 
 
-def _ut_kernel(k_ref, v_ref, beta_ref, gam_ref, read_ref, run_ref, u_ref, w_ref, *, dtype):
-    """One chunk of one value head: U = Tm (beta V), W = Tm (beta read K), Tm = (I + A)^-1."""
-    k = k_ref[...]  # [C, E]
-    beta = beta_ref[...].astype(jnp.float32)  # [C]
-    gam = gam_ref[...].astype(jnp.float32)
-    runs = run_ref[...]
+def _dot32(a, b, dtype, *, trans_a: bool = False, trans_b: bool = False):
+    """a @ b of fp32 operands (the inverse and its gradient): IEEE for fp32 inputs, tf32
+    (DEFAULT) for bf16 inputs, whose error is below the inputs' own."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _ut_prologue(k, beta, gam, runs, dtype):
+    """(Tm = (I + A)^-1, K K^T, the strict decay mask D) of one chunk; A = beta (K K^T) * D."""
     c = k.shape[0]
     rows, cols = jnp.arange(c)[:, None], jnp.arange(c)[None, :]
     strict = (cols < rows) & (runs[:, None] == runs[None, :])
     decay = jnp.where(strict, jnp.exp(jnp.where(strict, gam[:, None] - gam[None, :], 0.0)), 0.0)
-    a = beta[:, None] * _dot(k, k, dtype, trans_b=True) * decay  # [C, S] strictly lower
-    # (I + A)^-1 by block doubling (see xla._invert_unit_lower): X_2b = X_b - X_b E_b X_b.
-    # The inverse stays fp32; for bf16 inputs its products run as tf32 (DEFAULT), whose error
-    # is below the inputs' own.
-    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    kk = _dot(k, k, dtype, trans_b=True)  # [C, S]
+    a = beta[:, None] * kk * decay  # strictly lower
+    # Block doubling (see xla._invert_unit_lower): X_2b = X_b - X_b E_b X_b, log2(C) levels.
     tm = (rows == cols).astype(jnp.float32)
     b = 1
     while b < c:
-        joins = (
-            (rows // (2 * b) == cols // (2 * b)) & ((rows // b) % 2 == 1) & ((cols // b) % 2 == 0)
-        )
-        e = jnp.where(joins, a, 0.0)
-        dims = (((1,), (0,)), ((), ()))
-        xe = jax.lax.dot_general(tm, e, dims, precision=precision)
-        tm = tm - jax.lax.dot_general(xe, tm, dims, precision=precision)
+        block = (rows // (2 * b) == cols // (2 * b)) & ((rows // b) % 2 == 1)
+        e = jnp.where(block & ((cols // b) % 2 == 0), a, 0.0)
+        tm = tm - _dot32(_dot32(tm, e, dtype), tm, dtype)
         b *= 2
+    return tm, kk, decay
+
+
+def _ut_kernel(k_ref, v_ref, beta_ref, gam_ref, read_ref, run_ref, u_ref, w_ref, *, dtype):
+    """One chunk of one value head: U = Tm (beta V), W = Tm (beta read K), Tm = (I + A)^-1."""
+    k = k_ref[...]  # [C, E]
+    beta = beta_ref[...].astype(jnp.float32)  # [C]
+    tm, _, _ = _ut_prologue(k, beta, gam_ref[...].astype(jnp.float32), run_ref[...], dtype)
     bv = beta[:, None] * v_ref[...].astype(jnp.float32)  # [C, H]
     bk = (beta * read_ref[...].astype(jnp.float32))[:, None] * k.astype(jnp.float32)  # [C, E]
     u_ref[...] = _dot(tm, bv, dtype).astype(u_ref.dtype)
     w_ref[...] = _dot(tm, bk, dtype).astype(w_ref.dtype)
+
+
+def _ut_bwd_kernel(
+    k_ref, v_ref, beta_ref, gam_ref, read_ref, run_ref, du_ref, dw_ref,  # inputs
+    dk_ref, dv_ref, dbeta_ref, dgam_ref, dread_ref,  # outputs (dk per value head)
+    *, dtype,
+):  # fmt: skip
+    """Gradients of one chunk's UT transform, Tm recomputed:
+
+    dXv = Tm^T dU, dXk = Tm^T dW            (w.r.t. beta V and beta read K)
+    dA  = -Tm^T (dU (beta V)^T + dW (beta read K)^T) Tm^T
+    then through A = beta (K K^T) * D: dK += (dA beta D) K + (dA beta D)^T K; dgam from D.
+    """
+    f32 = jnp.float32
+    k = k_ref[...]  # [C, E]
+    k32, v32 = k.astype(f32), v_ref[...].astype(f32)
+    beta, gam, read = (r[...].astype(f32) for r in (beta_ref, gam_ref, read_ref))  # [C]
+    du, dw = du_ref[...].astype(f32), dw_ref[...].astype(f32)  # [C, H], [C, E]
+    tm, kk, decay = _ut_prologue(k, beta, gam, run_ref[...], dtype)
+    bv = beta[:, None] * v32
+    bk = (beta * read)[:, None] * k32
+    dxv = _dot(tm, du, dtype, trans_a=True)  # [C, H]
+    dxk = _dot(tm, dw, dtype, trans_a=True)  # [C, E]
+    dtm = _dot(du, bv, dtype, trans_b=True) + _dot(dw, bk, dtype, trans_b=True)  # [C, S]
+    da = -_dot32(_dot32(tm, dtm, dtype, trans_a=True), tm, dtype, trans_b=True)
+    dkk = da * beta[:, None] * decay  # [C, S]; zero off the strict mask, as D is
+    dk_ref[...] = (
+        _dot(dkk, k, dtype) + _dot(dkk, k, dtype, trans_a=True) + (beta * read)[:, None] * dxk
+    )
+    dv_ref[...] = beta[:, None] * dxv
+    p = dkk * kk  # dD * D: the gradient of the exponent gam_r - gam_s
+    dgam_ref[...] = jnp.sum(p, axis=1) - jnp.sum(p, axis=0)
+    k_dxk = jnp.sum(dxk * k32, axis=1)
+    dbeta_ref[...] = jnp.sum(da * kk * decay, axis=1) + jnp.sum(dxv * v32, axis=1) + read * k_dxk
+    dread_ref[...] = beta * k_dxk
 
 
 class _Dims(NamedTuple):
@@ -417,37 +460,41 @@ def _state_pass_bwd(cfg, residuals, cotangents):
 _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
 
 
+def _ut_specs(k, v):
+    """BlockSpecs of grid (B, Hv, M) for the UT kernels: key head n // G, value head n."""
+    c, e, grp, h = k.shape[2], k.shape[-1], v.shape[3], v.shape[-1]
+
+    def per_v(*block):  # [B, M, K, G, C, ...]
+        return pl.BlockSpec(
+            (None, None, None, None, c, *block),
+            lambda i, n, j: (i, j, n // grp, n % grp, 0, *([0] * len(block))),
+        )
+
+    return {
+        "k": pl.BlockSpec((None, None, c, None, e), lambda i, n, j: (i, j, 0, n // grp, 0)),
+        "v": per_v(h),
+        "e": per_v(e),
+        "vec": per_v(),
+        "runs": pl.BlockSpec((None, None, c), lambda i, n, j: (i, j, 0)),
+    }
+
+
+def _ut_grid(k, v):
+    b, m, _, hk, _ = k.shape
+    return (b, hk * v.shape[3], m)
+
+
 def _ut_call(cfg: _Config, k, v, beta, gam, read, runs):
     b, m, c, hk, e = k.shape
-    grp, h = v.shape[3], v.shape[-1]
+    grp = v.shape[3]
     io = jnp.dtype(cfg.operand_dtype)
-
-    def value_head(n):
-        return n // grp, n % grp
-
-    vec = pl.BlockSpec((None, None, None, None, c), lambda i, n, j: (i, j, *value_head(n), 0))
+    sp = _ut_specs(k, v)
     return _call(
         cfg,
         functools.partial(_ut_kernel, dtype=io),
-        (b, hk * grp, m),
-        [
-            pl.BlockSpec((None, None, c, None, e), lambda i, n, j: (i, j, 0, n // grp, 0)),
-            pl.BlockSpec(
-                (None, None, None, None, c, h), lambda i, n, j: (i, j, *value_head(n), 0, 0)
-            ),
-            vec,
-            vec,
-            vec,
-            pl.BlockSpec((None, None, c), lambda i, n, j: (i, j, 0)),
-        ],
-        [
-            pl.BlockSpec(
-                (None, None, None, None, c, h), lambda i, n, j: (i, j, *value_head(n), 0, 0)
-            ),
-            pl.BlockSpec(
-                (None, None, None, None, c, e), lambda i, n, j: (i, j, *value_head(n), 0, 0)
-            ),
-        ],
+        _ut_grid(k, v),
+        [sp["k"], sp["v"], sp["vec"], sp["vec"], sp["vec"], sp["runs"]],
+        [sp["v"], sp["e"]],
         [
             jax.ShapeDtypeStruct(v.shape, io),
             jax.ShapeDtypeStruct((b, m, hk, grp, c, e), io),
@@ -462,26 +509,56 @@ def _ut_call(cfg: _Config, k, v, beta, gam, read, runs):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 7))
-def _ut(cfg, k, v, beta, gam, read, runs, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ut(cfg, k, v, beta, gam, read, runs):
     u, w = _ut_call(cfg, k, v, beta, gam, read, runs)
     return u.astype(v.dtype), w.astype(k.dtype)
 
 
-def _ut_fwd(cfg, k, v, beta, gam, read, runs, precision):
-    return _ut(cfg, k, v, beta, gam, read, runs, precision), (k, v, beta, gam, read, runs)
+def _ut_fwd(cfg, k, v, beta, gam, read, runs):
+    return _ut(cfg, k, v, beta, gam, read, runs), (k, v, beta, gam, read, runs)
 
 
-def _ut_bwd(cfg, precision, residuals, cotangents):
-    # The backward of the UT transform is, for now, the VJP of the pure-JAX form recomputed
-    # from the inputs (parallel over chunks; no state involved).
+def _ut_bwd(cfg, residuals, cotangents):
     k, v, beta, gam, read, runs = residuals
-
-    def reference(k, v, beta, gam, read):
-        return ut_transform(k, v, beta, gam, read, runs, precision)
-
-    _, vjp = jax.vjp(reference, k, v, beta, gam, read)
-    return (*vjp(cotangents), None)
+    du, dw = cotangents
+    b, m, c, hk, e = k.shape
+    grp = v.shape[3]
+    io = jnp.dtype(cfg.operand_dtype)
+    sp = _ut_specs(k, v)
+    vec = jax.ShapeDtypeStruct(beta.shape, jnp.float32)
+    dk, dv, dbeta, dgam, dread = _call(
+        cfg,
+        functools.partial(_ut_bwd_kernel, dtype=io),
+        _ut_grid(k, v),
+        [sp["k"], sp["v"], sp["vec"], sp["vec"], sp["vec"], sp["runs"], sp["v"], sp["e"]],
+        [sp["e"], sp["v"], sp["vec"], sp["vec"], sp["vec"]],
+        [
+            jax.ShapeDtypeStruct((b, m, hk, grp, c, e), jnp.float32),
+            jax.ShapeDtypeStruct(v.shape, jnp.float32),
+            vec,
+            vec,
+            vec,
+        ],
+        "gated_delta_rule_ut_bwd",
+        k.astype(io),
+        v.astype(io),
+        beta,
+        gam,
+        read,
+        runs,
+        du,
+        dw,
+    )
+    dk = jnp.moveaxis(dk.sum(axis=3), 3, 2)  # value heads summed onto their key head
+    return (
+        dk.astype(k.dtype),
+        dv.astype(v.dtype),
+        dbeta.astype(beta.dtype),
+        dgam.astype(gam.dtype),
+        dread.astype(read.dtype),
+        None,
+    )
 
 
 _ut.defvjp(_ut_fwd, _ut_bwd)
@@ -549,9 +626,7 @@ def gated_delta_rule_pallas_gpu(
         use_qk_l2norm=use_qk_l2norm,
         chunk_size=chunk_size,
         precision=jax.lax.Precision.DEFAULT if low else jax.lax.Precision.HIGHEST,
-        ut=lambda k, v, beta, gam, read, runs, precision: _ut(
-            cfg, k, v, beta, gam, read, runs, precision
-        ),
+        ut=lambda k, v, beta, gam, read, runs, precision: _ut(cfg, k, v, beta, gam, read, runs),
     )
     # The kernels compute in fp32 (float64 inputs exist only in CPU tests).
     io = jnp.dtype(cfg.operand_dtype)
