@@ -32,7 +32,7 @@ _BACKENDS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
     "pallas_gpu": gated_delta_rule_pallas_gpu,
 }
 # backend="auto" by platform, from measurement (benchmarks/results/): on an H100 the Pallas GPU
-# kernels beat the pure-JAX path 6x forward and 1.6x forward+backward at the 27B geometry. On
+# kernels beat the pure-JAX path 6-8x forward and 1.6-1.9x fwd+bwd at the 27B geometry. On
 # TPU the Pallas forward is not yet measured on a chip, so the pure-JAX path stays.
 _AUTO = {"gpu": "pallas_gpu"}
 _override: list[str] = []
