@@ -243,6 +243,24 @@ def shard_kernel(
     )
 
 
+def context_axes() -> str | tuple[str, ...] | None:
+    """The mesh axes the active rules split the token axis (LENGTH) over, or None when every
+    device holds whole sequences (no active rules, or those axes have size 1).
+
+    Sequence mixers use it to pick their context-parallel kernels, which take the time axis
+    split over these axes instead of all-gathering it.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    mesh, rules = active
+    axes = rules.get(LENGTH)
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    if math.prod(mesh.shape[a] for a in axes) == 1:
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
 def constrain_tree(tree: Any) -> Any:
     """`constrain` for a pytree of `nnx.Variable`s (e.g. a gradient accumulator) by metadata."""
     active = _ACTIVE.get()

@@ -16,6 +16,7 @@ from flax import nnx
 from qwenjax import sharding as ax
 from qwenjax.config import ModelConfig
 from qwenjax.kernels.attention import attention
+from qwenjax.kernels.context_parallel import attention_context_parallel
 from qwenjax.model.cache import KV_CACHE, KVCache, write_rows
 from qwenjax.model.context import Context
 from qwenjax.model.norms import RMSNorm
@@ -91,9 +92,21 @@ class GatedAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
         q, gate, k, v = self._qkv(x, ctx)
-        pos, seg = ctx.token_index, ctx.segment_ids
-        o = ax.shard_kernel(
-            lambda q, k, v, pos, seg: attention(
+        o = _self_attention(q, k, v, ctx.token_index, ctx.segment_ids)  # [B, T, N, H]
+        return self._out(o, gate)
+
+
+def _self_attention(q, k, v, pos, seg) -> jax.Array:
+    """Causal self attention over packed rows; `pos` is arange(T) per row (Qwen35.context).
+
+    When the rules split the token axis over mesh axes, each device keeps its queries and
+    all-gathers keys and values (context parallelism); otherwise time is kept whole.
+    """
+    axis = ax.context_axes()
+
+    def fn(q, k, v, pos, seg):
+        if axis is None:
+            return attention(
                 q,
                 k,
                 v,
@@ -101,10 +114,21 @@ class GatedAttention(nnx.Module):
                 kv_positions=pos,
                 q_segment_ids=seg,
                 kv_segment_ids=seg,
-                positions_in_order=True,  # token_index is arange(T): see Qwen35.context
-            ),
-            (q, k, v, pos, seg),
-            (Q, KV, KV, POS, POS),
-            Q,
-        )  # [B, T, N, H]
-        return self._out(o, gate)
+                positions_in_order=True,
+            )
+        return attention_context_parallel(
+            q,
+            k,
+            v,
+            axis_name=axis,
+            q_positions=pos,
+            kv_positions=pos,
+            q_segment_ids=seg,
+            kv_segment_ids=seg,
+        )
+
+    time = None if axis is None else ax.LENGTH
+    qn = (ax.BATCH, time, ax.Q_HEADS, None)  # [B, T, N, H]
+    kvn = (ax.BATCH, time, ax.KV_HEADS, None)  # [B, T, K, H]
+    posn = (ax.BATCH, time)  # [B, T]
+    return ax.shard_kernel(fn, (q, k, v, pos, seg), (qn, kvn, kvn, posn, posn), qn)

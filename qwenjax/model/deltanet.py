@@ -21,6 +21,7 @@ from flax import nnx
 from qwenjax import sharding as ax
 from qwenjax.config import ModelConfig
 from qwenjax.kernels.causal_conv import causal_conv1d
+from qwenjax.kernels.context_parallel import gated_delta_rule_context_parallel
 from qwenjax.kernels.gated_delta_rule import gated_delta_rule, gated_delta_step
 from qwenjax.model.cache import CONV_STATE, GDN_STATE, DeltaNetCache, read_rows
 from qwenjax.model.context import Context
@@ -100,12 +101,7 @@ class GatedDeltaNet(nnx.Module):
         m, z, beta, g = self._inputs(x)
         m, _ = causal_conv1d(m, self.conv1d[...].astype(self.dtype), segment_ids=ctx.segment_ids)
         q, k, v = self._split(m)
-        o, _ = ax.shard_kernel(
-            lambda q, k, v, g, beta, seg: gated_delta_rule(q, k, v, g, beta, segment_ids=seg),
-            (q, k, v, g, beta, ctx.segment_ids),
-            (QK, QK, V, G, G, (ax.BATCH, None)),
-            (V, STATE),
-        )
+        o, _ = _rule(q, k, v, g, beta, ctx.segment_ids)
         return self._out(o, z, x.dtype)
 
     def extend(
@@ -138,6 +134,28 @@ class DeltaNetPending:
     v: jax.Array  # [B, T, N, H]
     g: jax.Array  # [B, T, N]
     beta: jax.Array  # [B, T, N]
+
+
+def _rule(q, k, v, g, beta, segment_ids) -> tuple[jax.Array, jax.Array]:
+    """The rule over whole packed rows from zero state (training, prefill from scratch).
+
+    When the rules split the token axis over mesh axes, each device keeps its time shard and
+    the context-parallel rule passes the state between shards; otherwise time is kept whole
+    (a sequence-sharded input is all-gathered into the kernel).
+    """
+    axis = ax.context_axes()
+
+    def fn(q, k, v, g, beta, seg):
+        if axis is None:
+            return gated_delta_rule(q, k, v, g, beta, segment_ids=seg)
+        return gated_delta_rule_context_parallel(q, k, v, g, beta, axis_name=axis, segment_ids=seg)
+
+    time = None if axis is None else ax.LENGTH
+    qk = (ax.BATCH, time, ax.GDN_K_HEADS, None)  # [B, T, K, E]
+    vn = (ax.BATCH, time, ax.GDN_V_HEADS, None)  # [B, T, N, H]
+    gn = (ax.BATCH, time, ax.GDN_V_HEADS)  # [B, T, N]
+    args = (q, k, v, g, beta, segment_ids)
+    return ax.shard_kernel(fn, args, (qk, qk, vn, gn, gn, (ax.BATCH, time)), (vn, STATE))
 
 
 def _rule_from(q, k, v, g, beta, state) -> tuple[jax.Array, jax.Array]:

@@ -61,6 +61,8 @@ MESHES = {
     "data=8": (ax.MeshConfig(data=8, fsdp=1), ax.FSDP_RULES),
     "fsdp=8": (ax.MeshConfig(fsdp=8), ax.FSDP_RULES),
     "fsdp=4,tensor=2": (ax.MeshConfig(fsdp=4, tensor=2), ax.FSDP_TP_RULES),
+    # Context parallelism: 10 tokens per device, the GDN state and attention keys cross devices.
+    "fsdp=2,sequence=4": (ax.MeshConfig(fsdp=2, sequence=4), ax.FSDP_RULES),
 }
 
 
@@ -104,6 +106,38 @@ def test_same_loss_trajectory_on_8_devices(hybrid, single_device, name):
     assert q.get_value().sharding.is_equivalent_to(want_sharding, q.ndim)
     mu = state.opt_state[1][0].mu["blocks"]["layers"][1]["mixer"]["q_proj"].get_value()
     assert mu.sharding.is_equivalent_to(want_sharding, q.ndim)
+
+
+@needs_8_devices
+def test_context_parallel_gives_the_same_loss_and_gradients():
+    """Tokens split 4 ways (`sequence`=4): every GDN and attention layer runs its
+    context-parallel kernel, and loss and gradients are those of one device."""
+    model = random_model(SMALL, seed=5)
+    _, params, frozen = split_model(model)
+    grad_fn = make_grad_fn(model, mtp_weight=0.1, ce_chunk=CHUNK)
+    # Seed 11: row 1 has a document starting at token 20, exactly on a shard boundary.
+    data = microbatches(batch(seed=11, rows=4), 1)
+    want_grads, want_metrics = jax.jit(grad_fn)(params, frozen, data)
+
+    mesh = ax.make_mesh(ax.MeshConfig(fsdp=2, sequence=4))
+    batch_sharding = ax.batch_sharding(mesh, ax.FSDP_RULES, microbatched=True)
+    placed = jax.device_put(
+        (params, frozen, data),
+        (
+            ax.tree_shardings(params, mesh, ax.FSDP_RULES),
+            ax.tree_shardings(frozen, mesh, ax.FSDP_RULES),
+            {name: batch_sharding for name in data},
+        ),
+    )
+
+    def sharded(params, frozen, data):
+        with ax.use_rules(mesh, ax.FSDP_RULES):
+            return grad_fn(params, frozen, data)
+
+    grads, metrics = jax.jit(sharded)(*placed)
+    assert float(metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        assert rel_err(a, b) <= 1e-4
 
 
 def test_remat_policies_give_the_same_loss_and_gradients():
