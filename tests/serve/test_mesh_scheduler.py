@@ -3,13 +3,12 @@
 8 CPU devices as fsdp 4 x tensor 2 (Megatron heads split, FSDP weights): the model is placed by
 `build_sharded`, the slots (a multiple of the batch split) are sharded over fsdp, and greedy
 outputs of more requests than slots, with chunked prefill, equal offline `generate` on a single
-device, with MTP speculation off and on.
+device, with MTP speculation on (the plain step is the same model call without the drafter).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from qwenjax import sharding
 from qwenjax.api import build, build_sharded
@@ -19,8 +18,7 @@ from qwenjax.inference.sampling import SamplingParams
 from qwenjax.serve.scheduler import Scheduler
 
 
-@pytest.mark.parametrize("k", [0, 2])
-def test_mesh_scheduler_equals_single_device_generate(k: int):
+def test_mesh_scheduler_equals_single_device_generate():
     config = ModelConfig.from_preset("tiny")
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (21, 4, 37, 9, 15, 30)]
@@ -34,7 +32,7 @@ def test_mesh_scheduler_equals_single_device_generate(k: int):
         slots=4,
         max_length=96,
         prefill_chunk=16,
-        num_speculative_tokens=k,
+        num_speculative_tokens=2,  # prefill, MTP drafts and verification all on the mesh
         mesh=mesh,
         rules=rules,
     )

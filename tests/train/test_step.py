@@ -61,8 +61,6 @@ MESHES = {
     "data=8": (ax.MeshConfig(data=8, fsdp=1), ax.FSDP_RULES),
     "fsdp=8": (ax.MeshConfig(fsdp=8), ax.FSDP_RULES),
     "fsdp=4,tensor=2": (ax.MeshConfig(fsdp=4, tensor=2), ax.FSDP_TP_RULES),
-    # Context parallelism: 10 tokens per device, the GDN state and attention keys cross devices.
-    "fsdp=2,sequence=4": (ax.MeshConfig(fsdp=2, sequence=4), ax.FSDP_RULES),
 }
 
 
