@@ -96,8 +96,16 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="HF or qwenjax checkpoint directory")
+def _add_model_args(p: argparse.ArgumentParser, random_weights: bool = False) -> None:
+    if random_weights:  # serve: a checkpoint, or a preset's shapes with random weights
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--checkpoint", help="HF or qwenjax checkpoint directory")
+        src.add_argument("--random-weights", metavar="PRESET",
+                         help="serve a preset (e.g. qwen3.6-27b) with random weights, for load "
+                              "benchmarks; needs --tokenizer")  # fmt: skip
+        p.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    else:
+        p.add_argument("--checkpoint", required=True, help="HF or qwenjax checkpoint directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: checkpoint)")
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="cast the parameters (default: the checkpoint's dtypes)")  # fmt: skip
@@ -195,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
     sv = verbs.add_parser(
         "serve", help="an OpenAI- and Anthropic-compatible HTTP server (continuous batching)"
     )
-    _add_model_args(sv)
+    _add_model_args(sv, random_weights=True)
     _add_serve_args(sv)
     sv.set_defaults(func=_serve)
     return p

@@ -176,6 +176,30 @@ def _warn_no_key() -> None:
     sys.stderr.flush()
 
 
+def _random_model(args: argparse.Namespace, mesh: Any, rules: Any):
+    """(model, tokenizer, label) for `--random-weights PRESET`: the preset's shapes with random
+    weights (bf16 unless --dtype), built in place on the device or the mesh. Token ids the
+    tokenizer lacks decode to nothing, so any tokenizer serves for load tests."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwenjax.api import build, build_sharded
+    from qwenjax.config import ModelConfig
+    from qwenjax.tokenizer import Tokenizer
+
+    if not args.tokenizer:
+        raise ValueError("--random-weights needs --tokenizer DIR (any tokenizer directory)")
+    config = ModelConfig.from_preset(args.random_weights)
+    dtype = jnp.dtype(args.dtype or "bfloat16")
+    print(f"building {args.random_weights} with random weights ...", file=sys.stderr, flush=True)
+    kwargs = {"dtype": dtype, "param_dtype": dtype, "seed": args.seed}
+    if mesh is not None:
+        model = build_sharded(config, mesh, rules, **kwargs)
+    else:  # jitted, so the parameters are created on the device, not copied from the host
+        model = jax.jit(lambda: build(config, **kwargs))()
+    return model, Tokenizer.from_dir(args.tokenizer), f"random weights ({args.random_weights})"
+
+
 def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None:
     """Load the checkpoint, start the engine and serve until SIGTERM / Ctrl-C."""
     import uvicorn
@@ -188,19 +212,24 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {checkpoint} does not exist")
     for name in ("slots", "max_length", "prefill_chunk", "max_waiting"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.speculative_tokens < 0:
         raise ValueError("--speculative-tokens must be >= 0")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    tokenizer = Tokenizer.from_dir(args.tokenizer or checkpoint)
-    defaults = checkpoint_defaults(checkpoint)
-    print(f"loading {checkpoint} ...", file=sys.stderr, flush=True)
-    model = load(checkpoint, dtype=args.dtype, mesh=mesh, rules=rules)
+    if getattr(args, "random_weights", None):
+        model, tokenizer, source = _random_model(args, mesh, rules)
+        defaults = {}
+    else:
+        checkpoint = Path(args.checkpoint)
+        if not checkpoint.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {checkpoint} does not exist")
+        tokenizer = Tokenizer.from_dir(args.tokenizer or checkpoint)
+        defaults = checkpoint_defaults(checkpoint)
+        print(f"loading {checkpoint} ...", file=sys.stderr, flush=True)
+        model = load(checkpoint, dtype=args.dtype, mesh=mesh, rules=rules)
+        source = checkpoint
     config = model.config
     max_length = min(args.max_length, config.max_position_embeddings)
     scheduler = Scheduler(
@@ -214,7 +243,12 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
         mesh=mesh,
         rules=rules,
     )
-    name = args.served_model_name or default_model_name(checkpoint, config, tokenizer)
+    if args.served_model_name:
+        name = args.served_model_name
+    elif getattr(args, "random_weights", None):
+        name = f"random-{args.random_weights}"
+    else:
+        name = default_model_name(source, config, tokenizer)
     state = ServerState(
         scheduler=scheduler,
         tokenizer=tokenizer,
@@ -231,7 +265,7 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
         log.warning("test hooks are on: requests may script the output (never in production)")
     log.info(
         "serving %s as %r on http://%s:%d (%d slots, max length %d)",
-        checkpoint,
+        source,
         name,
         args.host,
         args.port,

@@ -108,9 +108,9 @@ def tiny_checkpoint(path: Path) -> Path:
     return path
 
 
-def start_server(checkpoint: Path, log_path: Path, key: str, *args: str) -> subprocess.Popen:
+def start_server(checkpoint: Path | None, log_path: Path, key: str, *args: str) -> subprocess.Popen:
     """`qwenjax serve` on CPU with test hooks (`args`: more flags), healthy; `.base` is its URL
-    and `.log_path` its log. The caller kills it."""
+    and `.log_path` its log. The caller kills it. `checkpoint` None: `args` name the model."""
     port = free_port()
     env = {
         **os.environ,
@@ -123,8 +123,7 @@ def start_server(checkpoint: Path, log_path: Path, key: str, *args: str) -> subp
         "-m",
         "qwenjax.cli",
         "serve",
-        "--checkpoint",
-        str(checkpoint),
+        *(["--checkpoint", str(checkpoint)] if checkpoint is not None else []),
         "--port",
         str(port),
         "--enable-test-hooks",
