@@ -3,21 +3,26 @@
 Backends:
   "xla"    the reference math (materialised [B, T, S] mask and logits), jitted by XLA; runs
            everywhere and handles every mask (decode over a cache, packed documents).
+  "chunked" the same math over key blocks with an online softmax (`blockwise.py`): memory
+           O(T * block) instead of O(T * S); any mask.
   "cudnn"  cuDNN's fused flash attention through `jax.nn.dot_product_attention`, for self
            attention whose positions are in order (training and prefill from scratch): causal by
            index, packed documents as a segment mask. Measured on an H100 at head dim 256 and
            GQA 24:4 at 0.92-0.99x torch's SDPA (benchmarks/results/); the XLA path runs out of
            memory there at 32K tokens.
-"auto" picks "cudnn" on GPU when the call allows it, else "xla".
+"auto" picks "cudnn" on GPU when the call allows it, else "chunked" once T * S reaches
+`CHUNKED_MIN_ELEMENTS` (8192 x 8192: 256 MiB of fp32 logits per head), else "xla".
 """
 
 from __future__ import annotations
 
 import jax
 
+from qwenjax.kernels.attention.blockwise import attention_blockwise
 from qwenjax.kernels.attention.reference import attention_mask, attention_reference
 
-BACKENDS = ("xla", "cudnn")
+BACKENDS = ("xla", "chunked", "cudnn")
+CHUNKED_MIN_ELEMENTS = 8192 * 8192  # the reference holds T * S logits per head
 
 
 def _cudnn(q, k, v, q_segment_ids, kv_segment_ids, scale):
@@ -76,5 +81,19 @@ def attention(
         raise ValueError("the cudnn backend needs causal self attention with positions_in_order")
     if backend == "cudnn" or (backend == "auto" and fused_ok and jax.default_backend() == "gpu"):
         return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, scale)
+    if backend == "chunked" or (
+        backend == "auto" and q.shape[1] * k.shape[1] >= CHUNKED_MIN_ELEMENTS
+    ):
+        return attention_blockwise(
+            q,
+            k,
+            v,
+            q_positions=q_positions,
+            kv_positions=kv_positions,
+            q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            causal=causal,
+            scale=scale,
+        )
     mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal)
     return attention_reference(q, k, v, mask, scale)
