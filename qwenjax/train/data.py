@@ -16,6 +16,13 @@ Stages, all grain datasets so that the whole pipeline checkpoints through `get_s
    splits a document across rows; with `pack=False` each row holds one document;
 6. batches of `batch_size` rows.
 
+With a `Processor` and the model's `VisionConfig` (a `Qwen35VL`), chat records may hold images
+and videos (`qwenjax.train.vision_data`): their pads are expanded as `chat_inputs` does, each
+such document is packed whole (one longer than `seq_len` is dropped with a warning), and batches
+add `pixel_values` / `image_grid_thw` (and the video pair) in token order, padded to a multiple
+of `patch_bucket` patches, while `positions` become the 3-D mRoPE positions `[3, B, T]`,
+restarting at 0 for every document of a row.
+
 `loss_mask[b, t]` is 1 when token t is a target, i.e. when predicting it from token t-1 counts:
 it is 0 at the first token of every document and on padding.
 """
@@ -33,7 +40,17 @@ import numpy as np
 
 from qwenjax import chat
 from qwenjax.tokenizer import Tokenizer
+from qwenjax.train.loss import VISION_KEYS
 from qwenjax.train.sources import open_records
+from qwenjax.train.vision_data import (
+    collate_vision,
+    drop_long,
+    expand_document,
+    is_vision_document,
+    with_mrope,
+)
+from qwenjax.vision.config import VisionConfig
+from qwenjax.vision.processor import Processor, extract_media
 
 FEATURES = ("input_ids", "segment_ids", "positions", "loss_mask")
 
@@ -58,6 +75,8 @@ class DataConfig:
         preserve_thinking: Render chat documents with every assistant turn's reasoning (and train
             on all of those turns), as the `preserve_thinking` chat-template flag does.
         drop_remainder: Drop a last incomplete batch; otherwise it is filled with padding rows.
+        patch_bucket: Image (video) patches per batch are padded to a multiple of this, so the
+            jitted step compiles once per bucket size and not every step; a multiple of merge².
     """
 
     paths: str | Sequence[str]
@@ -71,6 +90,7 @@ class DataConfig:
     loss_on: Literal["assistant", "all"] = "assistant"
     preserve_thinking: bool = False
     drop_remainder: bool = True
+    patch_bucket: int = 1024
 
     def __post_init__(self):
         if self.seq_len < 2 or self.batch_size < 1:
@@ -79,6 +99,8 @@ class DataConfig:
             raise ValueError(f"format must be 'auto', 'text' or 'chat', got {self.format!r}")
         if self.loss_on not in ("assistant", "all"):
             raise ValueError(f"loss_on must be 'assistant' or 'all', got {self.loss_on!r}")
+        if self.patch_bucket < 1:
+            raise ValueError(f"patch_bucket must be >= 1, got {self.patch_bucket}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"num_epochs must be None or >= 1, got {self.num_epochs}")
 
@@ -86,9 +108,16 @@ class DataConfig:
 class Tokenize(grain.transforms.Map):
     """A raw JSON record -> {"input_ids", "loss_mask"} int32 arrays of one document."""
 
-    def __init__(self, tokenizer: Tokenizer, config: DataConfig):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        config: DataConfig,
+        processor: Processor | None = None,
+        vision: VisionConfig | None = None,
+    ):
         self.tokenizer = tokenizer
         self.config = config
+        self.processor, self.vision = processor, vision
         self.end_of_text = tokenizer.token_to_id("<|endoftext|>")
         template = tokenizer.chat_template
         # A checkpoint template other than the built-in one is cross-checked on every record: the
@@ -107,12 +136,21 @@ class Tokenize(grain.transforms.Map):
             ids += [self.end_of_text] if self.end_of_text is not None else []
             mask = [1] * len(ids)
         else:
-            ids, mask = self._chat(record["messages"], record.get("tools"))
+            messages, media = extract_media(record["messages"])
+            ids, mask = self._chat(messages, record.get("tools"))
             if self.config.loss_on == "all":
                 mask = [1] * len(ids)
+            if media:
+                if self.vision is None:
+                    raise ValueError("a record holds images or videos: pass processor and vision")
+                tok, proc = self.tokenizer, self.processor
+                doc = expand_document(ids, mask, media, tok, proc, self.vision)
+                doc["loss_mask"][0] = 0
+                return with_mrope(doc, self.vision)
         if mask:
             mask[0] = 0  # the first token of a document has no predecessor
-        return {"input_ids": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)}
+        doc = {"input_ids": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)}
+        return doc if self.vision is None else with_mrope(doc, self.vision)
 
     def _chat(self, messages: list[dict], tools: list[dict] | None) -> tuple[list[int], list[int]]:
         preserve = self.config.preserve_thinking
@@ -139,9 +177,18 @@ class SplitLong(grain.experimental.FlatMapTransform):
         self.seq_len = seq_len
 
     def flat_map(self, element: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        if is_vision_document(element):
+            return drop_long(element, self.seq_len)
         pieces = []
         for start in range(0, len(element["input_ids"]), self.seq_len):
-            piece = {k: v[start : start + self.seq_len] for k, v in element.items()}
+            # (a text document's empty pixel entries stay as they are)
+            piece = element | {
+                k: v[..., start : start + self.seq_len]
+                for k, v in element.items()
+                if k in ("input_ids", "loss_mask", "mrope")
+            }
+            if "mrope" in piece:
+                piece["mrope"] = piece["mrope"] - piece["mrope"][:, :1]  # restart at 0
             if start:
                 piece["loss_mask"] = piece["loss_mask"].copy()
                 piece["loss_mask"][0] = 0  # its predecessor is in another row
@@ -149,8 +196,15 @@ class SplitLong(grain.experimental.FlatMapTransform):
         return pieces
 
 
-def _stack_rows(rows: Sequence[dict[str, np.ndarray]], batch_size: int, pad_id: int) -> dict:
-    """Stacks packed rows into a batch, adding padding rows to reach batch_size."""
+def _stack_rows(
+    rows: Sequence[dict[str, np.ndarray]],
+    batch_size: int,
+    pad_id: int,
+    vision: VisionConfig | None = None,
+    patch_bucket: int = 0,
+) -> dict:
+    """Stacks packed rows into a batch, adding padding rows to reach batch_size (and with
+    `vision`, the mRoPE positions and the pixels of `vision_data.collate_vision`)."""
     batch = {
         "input_ids": np.stack([r["input_ids"] for r in rows]),
         "segment_ids": np.stack([r["input_ids_segment_ids"] for r in rows]),
@@ -163,7 +217,11 @@ def _stack_rows(rows: Sequence[dict[str, np.ndarray]], batch_size: int, pad_id: 
         batch = {
             k: np.pad(v, ((0, missing), (0, 0)), constant_values=fill[k]) for k, v in batch.items()
         }
-    return {k: v.astype(np.int32) for k, v in batch.items()}
+    batch = {k: v.astype(np.int32) for k, v in batch.items()}
+    if vision is None:
+        return batch
+    seq_len, merge = batch["input_ids"].shape[1], vision.spatial_merge_size
+    return batch | collate_vision(rows, seq_len, batch_size, patch_bucket, merge)
 
 
 def make_dataset(
@@ -172,6 +230,8 @@ def make_dataset(
     *,
     process_index: int = 0,
     process_count: int = 1,
+    processor: Processor | None = None,
+    vision: VisionConfig | None = None,
 ) -> grain.IterDataset:
     """Builds this host's pipeline of packed batches.
 
@@ -181,12 +241,21 @@ def make_dataset(
         process_index: This host's index (`jax.process_index()`).
         process_count: Number of hosts (`jax.process_count()`); each gets every
             `process_count`-th record, so hosts see disjoint records.
+        processor: Image / video preprocessing (`Processor.from_dir(checkpoint)`); with
+            `vision`, chat records may hold images and videos.
+        vision: The model's `config.vision` (token ids, merge size): batches then carry mRoPE
+            positions `[3, B, T]` and, when they hold images or videos, their pixel inputs.
 
     Returns:
         A grain IterDataset; `iter(ds)` yields dicts of int32 numpy arrays
         `input_ids, segment_ids, positions, loss_mask`, each [batch_size, seq_len], and the
-        iterator's `get_state()` / `set_state()` resume it exactly.
+        iterator's `get_state()` / `set_state()` resume it exactly. With `vision`, `positions`
+        is `[3, batch_size, seq_len]` and the `VISION_KEYS` present are added.
     """
+    if vision is not None and config.patch_bucket % vision.merge_unit:
+        raise ValueError(
+            f"patch_bucket {config.patch_bucket}: not a multiple of merge² {vision.merge_unit}"
+        )
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     records = open_records(config.paths)[process_index::process_count]
@@ -196,7 +265,8 @@ def make_dataset(
         )
     if config.shuffle:
         records = records.shuffle(seed=config.seed)
-    docs = records.repeat(config.num_epochs).map(Tokenize(tokenizer, config)).to_iter_dataset()
+    tokenize = Tokenize(tokenizer, config, processor or Processor(), vision)
+    docs = records.repeat(config.num_epochs).map(tokenize).to_iter_dataset()
     docs = grain.experimental.FlatMapIterDataset(docs, SplitLong(config.seq_len))
     rows = grain.experimental.FirstFitPackIterDataset(
         docs,
@@ -204,7 +274,7 @@ def make_dataset(
         num_packing_bins=config.batch_size,
         seed=config.seed,
         shuffle_bins=config.shuffle,
-        meta_features=("loss_mask",),
+        meta_features=("loss_mask",) + (() if vision is None else ("mrope", *VISION_KEYS)),
         padding_struct={"input_ids": tokenizer.pad_id, "loss_mask": 0},
         max_sequences_per_bin=None if config.pack else 1,
     )
@@ -212,6 +282,10 @@ def make_dataset(
         config.batch_size,
         drop_remainder=config.drop_remainder,
         batch_fn=functools.partial(
-            _stack_rows, batch_size=config.batch_size, pad_id=tokenizer.pad_id
+            _stack_rows,
+            batch_size=config.batch_size,
+            pad_id=tokenizer.pad_id,
+            vision=vision,
+            patch_bucket=config.patch_bucket,
         ),
     )

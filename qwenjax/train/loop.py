@@ -36,7 +36,14 @@ from qwenjax.train.data import DataConfig, make_dataset
 from qwenjax.train.evaluate import chat_exact_match, read_jsonl
 from qwenjax.train.metrics import MetricsLogger
 from qwenjax.train.optim import OptimConfig
-from qwenjax.train.step import init_train_state, jit_train_step, make_train_step, microbatches
+from qwenjax.train.step import (
+    batch_shardings,
+    init_train_state,
+    jit_train_step,
+    make_train_step,
+    microbatches,
+)
+from qwenjax.vision.processor import Processor
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -58,6 +65,8 @@ class ModelSection:
     lora_alpha: float | None = None
     rules: str = "fsdp"  # a key of sharding.RULES
     seed: int = 0
+    vision: bool = False  # load the checkpoint's vision tower: chat data may hold images/videos
+    train_vision: bool = False  # train the vision tower too (frozen by default)
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.checkpoint is None):
@@ -66,6 +75,10 @@ class ModelSection:
             raise ValueError(f"model.remat {self.remat!r}: choose from {sorted(REMAT_POLICIES)}")
         if self.rules not in sharding.RULES:
             raise ValueError(f"model.rules {self.rules!r}: choose from {sorted(sharding.RULES)}")
+        if self.vision and self.checkpoint is None:
+            raise ValueError("model.vision needs a VLM checkpoint (presets are text-only)")
+        if self.train_vision and not self.vision:
+            raise ValueError("model.train_vision needs model.vision: true")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +124,7 @@ def _model(cfg: RunConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> Qw
         if m.lora_rank:
             model = add_lora(model, rank=m.lora_rank, alpha=m.lora_alpha, seed=m.seed)
         return model
-    model = load(m.checkpoint, dtype=dtype, mesh=mesh, rules=rules)
+    model = load(m.checkpoint, dtype=dtype, mesh=mesh, rules=rules, vision=m.vision)
     model.remat = m.remat
     if m.lora_rank:
         model = add_lora(model, rank=m.lora_rank, alpha=m.lora_alpha, seed=m.seed)
@@ -125,13 +138,21 @@ def _tokenizer(cfg: RunConfig) -> Tokenizer:
     return Tokenizer.from_dir(where)
 
 
-def _global_batch(batch: dict, k: int, step_sharding) -> dict:
+def _global_batch(batch: dict, k: int, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> dict:
     """This host's rows → the global `[k, B/k, T]` arrays the step expects."""
     local = microbatches(batch, k)
+    shardings = batch_shardings(mesh, rules, local)
     return {
-        name: jax.make_array_from_process_local_data(step_sharding, np.asarray(x))
+        name: jax.make_array_from_process_local_data(shardings[name], np.asarray(x))
         for name, x in local.items()
     }
+
+
+def _vision_data(cfg: RunConfig, config: ModelConfig) -> dict[str, Any]:
+    """The data pipeline's image arguments: the checkpoint's processor and vision config."""
+    if not cfg.model.vision:
+        return {}
+    return {"processor": Processor.from_dir(cfg.model.checkpoint), "vision": config.vision}
 
 
 def evaluate(model_graphdef, state, cfg: RunConfig, tokenizer: Tokenizer) -> dict:
@@ -162,14 +183,20 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     tokenizer = _tokenizer(cfg)
     model = _model(cfg, mesh, rules)
     config = model.config
+    train_vision = cfg.model.train_vision
     step_fn = make_train_step(
-        model, cfg.optim, mtp_weight=cfg.train.mtp_weight, ce_chunk=cfg.train.ce_chunk
+        model,
+        cfg.optim,
+        mtp_weight=cfg.train.mtp_weight,
+        ce_chunk=cfg.train.ce_chunk,
+        train_vision=train_vision,
     )
     graphdef = nnx.split(model, nnx.LoRAParam if cfg.model.lora_rank else nnx.Param, ...)[0]
-    state, shardings = init_train_state(model, cfg.optim, mesh, rules, seed=cfg.model.seed)
+    state, shardings = init_train_state(
+        model, cfg.optim, mesh, rules, seed=cfg.model.seed, train_vision=train_vision
+    )
     del model  # its buffers now belong to the state
     train_step = jit_train_step(step_fn, mesh, rules, shardings)
-    batch_sharding = sharding.batch_sharding(mesh, rules, microbatched=True)
 
     data = iter(
         make_dataset(
@@ -177,6 +204,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             tokenizer,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            **_vision_data(cfg, config),
         )
     )
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
@@ -202,9 +230,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         except StopIteration:
             log.message(f"data exhausted after {step} steps")
             break
-        state, metrics = train_step(
-            state, _global_batch(batch, cfg.train.grad_accum, batch_sharding)
-        )
+        state, metrics = train_step(state, _global_batch(batch, cfg.train.grad_accum, mesh, rules))
         step += 1
         if step == 1:  # keep compilation out of the throughput figures
             jax.block_until_ready(metrics)

@@ -11,7 +11,12 @@ Precision: the trainable parameters are fp32 master weights (so are the Adam mom
 model's compute dtype (e.g. bf16, fixed by `build(dtype=...)`) applies inside the forward pass,
 where each layer casts its weights on use. With LoRA only the `nnx.LoRAParam` adapters train:
 the base stays in `TrainState.frozen`, sharded as it was, and gets no gradient. A vision
-tower (`Qwen35VL`) is frozen too: only the language model trains.
+tower (`Qwen35VL`) is frozen too unless `train_vision=True`: by default only the language model
+trains.
+
+Image batches (see `train.data`) add `positions [k, 3, B/k, T]` (mRoPE) and the pixel arrays and
+grids of `VISION_KEYS` with a leading micro-batch axis of 1 (they are not split into
+micro-batches) and replicated over the mesh.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qwenjax import sharding
 from qwenjax.model import Qwen35
-from qwenjax.train.loss import Batch, loss_fn, target_counts
+from qwenjax.train.loss import VISION_KEYS, Batch, loss_fn, target_counts
 from qwenjax.train.optim import OptimConfig, learning_rate, make_optimizer
 
 Metrics = dict[str, jax.Array]
@@ -51,16 +56,18 @@ class TrainState:
     rng: jax.Array
 
 
-def split_model(model: Qwen35) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+def split_model(
+    model: Qwen35, *, train_vision: bool = False
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """`(graphdef, trainable, frozen)`: LoRA adapters if the model has any, else all parameters
-    but the vision tower's."""
+    but the vision tower's (with `train_vision`, all parameters)."""
     has_lora = bool(jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
     text = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("visual")))
-    return nnx.split(model, nnx.LoRAParam if has_lora else text, ...)
+    return nnx.split(model, nnx.LoRAParam if has_lora else nnx.Param if train_vision else text, ...)
 
 
 def make_grad_fn(
-    model: Qwen35, *, mtp_weight: float = 0.1, ce_chunk: int = 512
+    model: Qwen35, *, mtp_weight: float = 0.1, ce_chunk: int = 512, train_vision: bool = False
 ) -> Callable[[nnx.State, nnx.State, Batch], tuple[nnx.State, Metrics]]:
     """`grads(params, frozen, batch) → (grads, metrics)` accumulated over `[k, B/k, T]` batches.
 
@@ -69,11 +76,12 @@ def make_grad_fn(
         are used, the values come from `params` and `frozen` (as split by `split_model`).
       mtp_weight: λ of the MTP loss (0 skips the MTP head).
       ce_chunk: tokens per chunk of the fused LM-head cross-entropy.
+      train_vision: train the vision tower too (`split_model`).
 
     Gradients are of the whole batch's objective (normalised by its total target counts) and
     fp32 like the master weights. Metrics are those of `train.loss.loss_fn`, for the whole batch.
     """
-    graphdef, _, _ = split_model(model)
+    graphdef, _, _ = split_model(model, train_vision=train_vision)
 
     def micro_loss(params, frozen, micro, counts):
         model = nnx.merge(graphdef, params, frozen)
@@ -96,7 +104,12 @@ def make_grad_fn(
 
 
 def make_train_step(
-    model: Qwen35, optim: OptimConfig, *, mtp_weight: float = 0.1, ce_chunk: int = 512
+    model: Qwen35,
+    optim: OptimConfig,
+    *,
+    mtp_weight: float = 0.1,
+    ce_chunk: int = 512,
+    train_vision: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A pure `step(state, batch) → (state, metrics)`; jit it with `jit_train_step`.
 
@@ -106,12 +119,15 @@ def make_train_step(
       optim: optimizer configuration.
       mtp_weight: λ of the MTP loss (0 skips the MTP head).
       ce_chunk: tokens per chunk of the fused LM-head cross-entropy.
+      train_vision: train the vision tower too (pass the same to `init_train_state`).
 
     The batch holds `[k, B/k, T]` arrays (k micro-batches, see `microbatches`). Metrics: `loss`
     (the objective), `ce_loss`, `mtp_loss`, `tokens` and `mtp_tokens` (counted targets),
     `grad_norm` (before clipping) and `lr` (of this update).
     """
-    grad_fn = make_grad_fn(model, mtp_weight=mtp_weight, ce_chunk=ce_chunk)
+    grad_fn = make_grad_fn(
+        model, mtp_weight=mtp_weight, ce_chunk=ce_chunk, train_vision=train_vision
+    )
     optimizer, schedule = make_optimizer(optim), learning_rate(optim)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -128,11 +144,23 @@ def make_train_step(
 
 
 def microbatches(batch: dict, k: int) -> dict:
-    """`[B, T]` host arrays → `[k, B/k, T]` (micro-batch j = rows j·B/k … (j+1)·B/k − 1)."""
-    b = next(iter(batch.values())).shape[0]
+    """`[B, T]` host arrays → `[k, B/k, T]` (micro-batch j = rows j·B/k … (j+1)·B/k − 1);
+    mRoPE positions `[3, B, T]` → `[k, 3, B/k, T]`; pixel arrays and grids → `[1, ...]`, which
+    allows only k = 1 (pixels are not split between micro-batches)."""
+    b = batch["input_ids"].shape[0]
     if b % k:
         raise ValueError(f"batch size {b} is not divisible by {k} micro-batches")
-    return {name: x.reshape(k, b // k, *x.shape[1:]) for name, x in batch.items()}
+    if k > 1 and any(name in batch for name in VISION_KEYS):
+        raise ValueError(f"image/video batches need grad_accum 1, got {k} micro-batches")
+    out = {}
+    for name, x in batch.items():
+        if name in VISION_KEYS:
+            out[name] = x[None]
+        elif x.ndim == 3:  # mRoPE positions [3, B, T]
+            out[name] = x.reshape(3, k, b // k, x.shape[-1]).swapaxes(0, 1)
+        else:
+            out[name] = x.reshape(k, b // k, *x.shape[1:])
+    return out
 
 
 def new_train_state_parts(params: nnx.State, optim: OptimConfig, seed: jax.Array) -> dict:
@@ -147,10 +175,15 @@ def new_train_state_parts(params: nnx.State, optim: OptimConfig, seed: jax.Array
 
 
 def train_state_shardings(
-    model: Qwen35, optim: OptimConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules
+    model: Qwen35,
+    optim: OptimConfig,
+    mesh: jax.sharding.Mesh,
+    rules: sharding.Rules,
+    *,
+    train_vision: bool = False,
 ) -> TrainState:
     """The `NamedSharding` of every leaf of the train state (parameters and moments by rules)."""
-    _, params, frozen = split_model(model)
+    _, params, frozen = split_model(model, train_vision=train_vision)
     fresh = jax.eval_shape(lambda p: new_train_state_parts(p, optim, 0), params)
     return sharding.tree_shardings(TrainState(frozen=frozen, **fresh), mesh, rules)
 
@@ -162,22 +195,38 @@ def init_train_state(
     rules: sharding.Rules,
     *,
     seed: int = 0,
+    train_vision: bool = False,
 ) -> tuple[TrainState, TrainState]:
     """A sharded train state for `model`, and its shardings (for `jit_train_step`).
 
     Parameters are placed by the rules (a no-op when already there, e.g. from
     `api.build_sharded` or a sharded load); the fp32 master copy and the optimizer state come
-    out of a jitted function with sharded outputs, so no device holds an unsharded copy. The
-    frozen part shares `model`'s buffers, which the step donates: do not use `model` afterwards.
+    out of a jitted function with sharded outputs, so no device holds an unsharded copy.
+    `train_vision` makes the vision tower trainable (as for `make_train_step`). The frozen part
+    shares `model`'s buffers, which the step donates: do not use `model` afterwards.
     """
-    shardings = train_state_shardings(model, optim, mesh, rules)
-    _, params, frozen = split_model(model)
+    shardings = train_state_shardings(model, optim, mesh, rules, train_vision=train_vision)
+    _, params, frozen = split_model(model, train_vision=train_vision)
     params, frozen = jax.device_put((params, frozen), (shardings.params, shardings.frozen))
     fresh_shardings = {k: getattr(shardings, k) for k in ("step", "params", "opt_state", "rng")}
     fresh = jax.jit(new_train_state_parts, static_argnums=1, out_shardings=fresh_shardings)(
         params, optim, seed
     )
     return TrainState(frozen=frozen, **fresh), shardings
+
+
+def batch_shardings(
+    mesh: jax.sharding.Mesh, rules: sharding.Rules, batch: Batch
+) -> dict[str, NamedSharding]:
+    """Per array of a `[k, B/k, T]` batch: tokens by the batch rules, mRoPE positions
+    `[k, 3, B/k, T]` likewise on B and T, pixel arrays and grids replicated."""
+    tokens = sharding.batch_sharding(mesh, rules, microbatched=True)
+    positions = NamedSharding(mesh, PartitionSpec(None, None, *tokens.spec[1:]))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return {
+        name: replicated if name in VISION_KEYS else positions if x.ndim == 4 else tokens
+        for name, x in batch.items()
+    }
 
 
 def jit_train_step(
@@ -190,6 +239,7 @@ def jit_train_step(
 
     Activations inside are placed by `rules` (`sharding.constrain`). Batches are `[k, B/k, T]`
     host or device arrays; a batch the mesh does not divide is rejected with a clear error.
+    Image batches (more keys, see `batch_shardings`) get a jitted function of their own.
     """
     batch_sharding = sharding.batch_sharding(mesh, rules, microbatched=True)
 
@@ -204,10 +254,23 @@ def jit_train_step(
         donate_argnums=0,
     )
 
+    by_layout = {}
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        for x in batch.values():
-            sharding.check_batch(x.shape, batch_sharding)
-        return jitted(state, batch)
+        if "positions" in batch and batch["positions"].ndim == 3:  # text only
+            for x in batch.values():
+                sharding.check_batch(x.shape, batch_sharding)
+            return jitted(state, batch)
+        sharding.check_batch(batch["input_ids"].shape, batch_sharding)
+        layout = tuple(sorted((name, x.ndim) for name, x in batch.items()))
+        if layout not in by_layout:
+            by_layout[layout] = jax.jit(
+                run,
+                in_shardings=(state_shardings, batch_shardings(mesh, rules, batch)),
+                out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
+                donate_argnums=0,
+            )
+        return by_layout[layout](state, batch)
 
     train_step.jitted = jitted  # for ahead-of-time lowering (`qwenjax plan`)
     return train_step

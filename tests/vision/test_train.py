@@ -2,8 +2,8 @@
 `ForCausalLMLoss`, fp32, ≤ 1e-5 relative), and a train step runs on it with the vision tower
 frozen (its parameters unchanged, the language model's updated).
 
-The batch is built by hand (the data pipeline does not carry pixels yet): one row with an image,
-one with a video, the loss on each row's last tokens (its "answer").
+The batch is built by hand (the data pipeline's batches: tests/vision/test_train_data.py): one
+row with an image, one with a video, the loss on each row's last tokens (its "answer").
 """
 
 from __future__ import annotations
