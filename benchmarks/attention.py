@@ -16,19 +16,16 @@ convention: backward 2.5x forward). Results go to `--out` as JSON lines and a ma
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.gated_delta_rule import timed
+from benchmarks.common import run_child, timed, utc_stamp, write_results
 from qwenjax.kernels.attention import attention
 
 SHAPES = {
@@ -131,12 +128,8 @@ def check_on_device() -> dict:
 
 
 def run_torch(shapes, repeats: int) -> dict:
-    cmd = [sys.executable, "-c", _TORCH_CHILD, json.dumps(shapes), str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        print(f"torch child failed:\n{proc.stderr[-3000:]}", flush=True)
-        return {}
-    return {tuple(r["shape"]): r for r in map(json.loads, proc.stdout.splitlines())}
+    rows = run_child(_TORCH_CHILD, json.dumps(shapes), str(repeats), label="torch")
+    return {tuple(r["shape"]): r for r in rows}
 
 
 def main() -> None:
@@ -148,7 +141,7 @@ def main() -> None:
     args = p.parse_args()
     shapes = [s for name in args.shapes for s in SHAPES[name]]
     device = jax.devices()[0]
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%MZ")
+    stamp = utc_stamp()
     print(f"{device.device_kind}, jax {jax.__version__}, {stamp}", flush=True)
     base = run_torch(shapes, args.repeats) if args.torch else {}
     errors = check_on_device()
@@ -191,11 +184,6 @@ def main() -> None:
                     row[f"{key}_vs_torch"] = base[tuple(shape)][f"{key}_s"] / row[f"{key}_s"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    tag = device.device_kind.replace(" ", "_")
-    with open(os.path.join(args.out, f"attention_{tag}.jsonl"), "w") as f:
-        f.write(json.dumps({"torch": list(base.values()), "check": errors}) + "\n")
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     lines = [
         f"# Attention (causal, GQA, bf16), {device.device_kind}, {stamp}",
         "",
@@ -221,10 +209,8 @@ def main() -> None:
                     f"| {r.get('fwd_vs_torch', float('nan')):.2f} "
                     f"| {r.get('fwd_bwd_vs_torch', float('nan')):.2f} |"
                 )
-    table = "\n".join(lines)
-    with open(os.path.join(args.out, f"attention_{tag}.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+    meta = {"torch": list(base.values()), "check": errors, "jax": jax.__version__}
+    write_results(args.out, "attention", stamp, rows, meta=meta, table="\n".join(lines))
 
 
 if __name__ == "__main__":

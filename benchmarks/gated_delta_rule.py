@@ -24,13 +24,8 @@ Results go to `--out` as JSON lines plus a markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import statistics
-import subprocess
-import sys
-import time
 
 # The torch child and this process share the GPU: JAX must not grab most of its memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -39,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import run_child, timed, utc_stamp, write_results
 from qwenjax.kernels.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
 from qwenjax.kernels.gated_delta_rule.xla import gated_delta_rule_chunked
 
@@ -80,17 +76,6 @@ def inputs(shape, dtype, seed):
     g = -jax.nn.softplus(jax.random.normal(ks[3], (b, t, hv), jnp.float32))
     beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, hv), jnp.float32))
     return q, k, v, g, beta
-
-
-def timed(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def fwd_and_bwd(impl):
@@ -205,13 +190,8 @@ def breakdown(shape, dtype, cfg_args, repeats: int) -> dict:
 
 def run_fla(shapes, repeats: int) -> dict:
     """Times fla in a child process (torch and JAX kept apart); {} when fla is unavailable."""
-    cmd = [sys.executable, "-c", _FLA_CHILD, json.dumps(shapes), str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        print(f"fla child failed:\n{proc.stderr[-3000:]}", flush=True)
-        return {}
-    print(proc.stderr[-2000:], flush=True)
-    return {tuple(r["shape"]): r for r in map(json.loads, proc.stdout.splitlines())}
+    rows = run_child(_FLA_CHILD, json.dumps(shapes), str(repeats), label="fla")
+    return {tuple(r["shape"]): r for r in rows}
 
 
 _FLA_CHILD = r"""
@@ -273,7 +253,7 @@ def main() -> None:
     configs = [tuple(map(int, c.split(":"))) for c in args.configs.split(",")]
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%MZ")
+    stamp = utc_stamp()
     print(f"{device.device_kind} ({device.platform}), jax {jax.__version__}, {stamp}", flush=True)
 
     fla = run_fla(shapes, args.repeats) if args.fla else {}
@@ -337,13 +317,6 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         del args_
-    os.makedirs(args.out, exist_ok=True)
-    tag = device.device_kind.replace(" ", "_")
-    with open(os.path.join(args.out, f"gated_delta_rule_{tag}.jsonl"), "w") as f:
-        meta = {"peaks": peaks, "check": errors, "fla": [dict(v) for v in fla.values()]}
-        f.write(json.dumps(meta) + "\n")
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
     lines = [
         f"# Gated delta rule, {device.device_kind}, {stamp}, {dtype.name}",
         "",
@@ -370,10 +343,8 @@ def main() -> None:
                 f"| {r.get('fwd_vs_fla', float('nan')):.2f} "
                 f"| {r.get('fwd_bwd_vs_fla', float('nan')):.2f} |"
             )
-    table = "\n".join(lines)
-    with open(os.path.join(args.out, f"gated_delta_rule_{tag}.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+    meta = {"peaks": peaks, "check": errors, "fla": list(fla.values()), "jax": jax.__version__}
+    write_results(args.out, "gated_delta_rule", stamp, rows, meta=meta, table="\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ first call compiles). Results go to `--out` as JSON lines, and a table is printe
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -27,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.gated_delta_rule import timed
+from benchmarks.common import timed, utc_stamp, write_results
 from qwenjax.api import build
 from qwenjax.config import ModelConfig
 from qwenjax.vision import config as vision_config
@@ -170,23 +168,21 @@ def main() -> None:
 
     dtype = jnp.dtype(args.dtype or ("float32" if args.model == "tiny" else "bfloat16"))
     device = jax.devices()[0]
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%MZ")
+    stamp = utc_stamp()
     print(f"{device.device_kind}, jax {jax.__version__}, {stamp}, {args.model}, {dtype}")
     # On CPUs attention within an image is dense: 2048² (16,384 patches) takes ~25 s a call.
     sizes = args.sizes or ([448, 1024] if device.platform == "cpu" else [448, 1024, 2048])
-    model = random_model(model_config(args.model), dtype)
+    config = model_config(args.model)
+    side_unit = config.vision.patch_size * config.vision.spatial_merge_size
+    bad = [s for s in [*sizes, args.prefill_size] if s % side_unit]
+    if bad:
+        p.error(f"image sides must be multiples of {side_unit} (patch x merge); got {bad}")
+    model = random_model(config, dtype)
     rows = bench_vit(model, sizes, args.batch, args.repeats)
     if not args.no_prefill:
         rows.append(bench_prefill(model, args.prefill_size, args.prompt_text, args.repeats))
-    meta = dict(device=device.device_kind, model=args.model, dtype=dtype.name, stamp=stamp)
-    os.makedirs(args.out, exist_ok=True)
-    kind = device.device_kind.lower().replace(" ", "_")
-    path = os.path.join(args.out, f"{stamp}_{kind}_vision_{args.model}.jsonl")
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(meta | row) + "\n")
-    print(table(rows))
-    print(f"wrote {path}")
+    meta = dict(device=device.device_kind, model=args.model, dtype=dtype.name, jax=jax.__version__)
+    write_results(args.out, f"vision_{args.model}", stamp, rows, meta=meta, table=table(rows))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -44,9 +45,20 @@ def hf_checkpoint(tmp_path_factory):
     return get
 
 
+def _plan_place(config) -> tuple[Path, bool]:
+    """Where the background plan run lives, and whether this process starts it. Under xdist
+    every worker collects every test but only the first starts the run, in a directory named
+    by the test run, so whichever worker gets the plan test waits for that one run."""
+    worker = getattr(config, "workerinput", None)
+    if worker is None:
+        return Path(tempfile.mkdtemp(prefix="qwenjax-plan-")), True
+    directory = Path(tempfile.gettempdir()) / f"qwenjax-plan-{worker['testrunuid']}"
+    return directory, worker["workerid"] == "gw0"
+
+
 def pytest_collection_modifyitems(session, config, items):
     """Start the slow 27B `qwenjax plan` compile at once when its test is selected, so it runs
-    beside the other tests (mostly on the other core), and run that test last."""
+    beside the other tests, and run that test last."""
     plan = [item for item in items if item.nodeid.startswith("tests/test_plan.py")]
     if not plan or config.getoption("collectonly"):
         return
@@ -54,13 +66,18 @@ def pytest_collection_modifyitems(session, config, items):
     if sys.platform == "linux" and platform.machine() == "x86_64":
         from tests.test_plan import PlanRun
 
-        _PLAN["run"] = PlanRun(Path(tempfile.mkdtemp(prefix="qwenjax-plan-")))
+        _PLAN["run"] = PlanRun(*_plan_place(config))
 
 
 def pytest_sessionfinish(session, exitstatus):
     run = _PLAN.get("run")
-    if run is not None and run.process.poll() is None:
-        run.process.kill()
+    if run is None or not run.running():
+        return
+    # An xdist worker may finish its share before another worker's plan test has read the run.
+    if hasattr(session.config, "workerinput") and exitstatus != pytest.ExitCode.INTERRUPTED:
+        with contextlib.suppress(TimeoutError):
+            run.wait()
+    run.kill()
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,15 +25,30 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
+# Runs the plan and then records its exit code in a file, so that any pytest process (an xdist
+# worker other than the one that started it) can wait for the result.
+_RECORD_EXIT = (
+    "import os, subprocess, sys; rc = subprocess.call(sys.argv[2:]); "
+    "open(sys.argv[1] + '.tmp', 'w').write(str(rc)); os.replace(sys.argv[1] + '.tmp', sys.argv[1])"
+)
+
+
 class PlanRun:
     """The 27B plan as a subprocess, started when the test is collected (see conftest.py).
 
     Its compile takes minutes and mostly one core, so it overlaps with the rest of the suite
-    instead of adding to it; the test waits for it.
+    instead of adding to it; the test waits for it. `start=False` only points at a run that
+    another process (the first xdist worker) started in `directory`.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, start: bool = True):
         self.out = directory / "plan.json"
+        self.log = directory / "plan.log"
+        self.exit_code = directory / "plan.rc"
+        self.process = None
+        if not start:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
         cmd = [
             sys.executable, "-m", "qwenjax.cli", "plan",
             "--config", str(ROOT / "configs" / "sft_27b_v5p.yaml"),
@@ -45,13 +62,29 @@ class PlanRun:
             "XLA_FLAGS": "",
             "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
         }
-        self.log = directory / "plan.log"
         with self.log.open("w") as log:
-            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _RECORD_EXIT, str(self.exit_code), *cmd],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # so `kill` reaches the plan under the wrapper
+            )
 
     def wait(self, timeout: float = 1800) -> tuple[int, str]:
-        code = self.process.wait(timeout=timeout)
-        return code, self.log.read_text()
+        deadline = time.monotonic() + timeout
+        while not self.exit_code.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"qwenjax plan did not finish in {timeout:.0f} s: {self.log}")
+            time.sleep(1.0)
+        return int(self.exit_code.read_text()), self.log.read_text()
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        if self.running():
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 @needs_libtpu

@@ -11,7 +11,7 @@ video frame lists or frame directories) becomes one document:
              (special tokens bound every spliced piece, so the ids equal `chat_inputs`'), with
              loss mask 0 on every inserted token
     pixels   the processor's pixel_values / image_grid_thw (and videos') of this document
-    mrope    `get_rope_index` of the document alone: `[3, T]` positions starting at 0
+    mrope    `get_rope_index_host` of the document alone: `[3, T]` positions starting at 0
 
 Documents are packed whole (a vision document longer than `seq_len` is dropped with a warning,
 never split); `collate` joins a batch's pixels in token order (row after row, document after
@@ -29,7 +29,7 @@ from qwenjax.tokenizer import Tokenizer
 from qwenjax.train.loss import VISION_KEYS
 from qwenjax.vision.config import VisionConfig
 from qwenjax.vision.processor import VISION_END, VISION_START, Media, Processor
-from qwenjax.vision.rope_index import get_rope_index
+from qwenjax.vision.rope_index import get_rope_index_host
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,12 @@ def expand_document(
 
 
 def with_mrope(doc: dict[str, np.ndarray], vision: VisionConfig) -> dict[str, np.ndarray]:
-    """`doc` plus `mrope [3, T]`, its `get_rope_index` positions as a document of its own, and
+    """`doc` plus `mrope [3, T]`, its `get_rope_index_host` positions as a document of its own, and
     every `VISION_KEYS` entry (empty where it has none: the packer wants one structure)."""
     ids = doc["input_ids"][None]
     if is_vision_document(doc):
         grids = doc.get("image_grid_thw"), doc.get("video_grid_thw")
-        positions = np.asarray(get_rope_index(ids, vision, *grids)[0])[:, 0]
+        positions = get_rope_index_host(ids, vision, *grids)[0][:, 0]
     else:  # text: T = H = W = 0, 1, …
         positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), (3, ids.shape[1]))
     empty = {

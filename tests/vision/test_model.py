@@ -12,7 +12,7 @@ import torch
 
 from qwenjax.checkpoint import load
 from qwenjax.vision.config import VisionConfig
-from qwenjax.vision.rope_index import get_rope_index
+from qwenjax.vision.rope_index import get_rope_index, get_rope_index_host
 from tests.conftest import rel_err
 from tests.vision.conftest import END, IMAGE, START, TOKEN_IDS, VIDEO, Prompt, hf_logits, patches
 
@@ -56,6 +56,12 @@ def test_rope_index_equals_transformers(hf_vlm, left_pad):
     pos, delta = jax.jit(get_rope_index, static_argnums=1)(ids, VISION, images, videos, mask)
     np.testing.assert_array_equal(pos, ref_pos)
     np.testing.assert_array_equal(delta, ref_delta)
+    # The NumPy walk (host data pipelines) is a second implementation held to the same result.
+    host_pos, host_delta = get_rope_index_host(ids, VISION, images, videos, mask)
+    np.testing.assert_array_equal(host_pos, ref_pos)
+    np.testing.assert_array_equal(host_delta, ref_delta)
+    with pytest.raises(ValueError, match="more video runs"):
+        get_rope_index_host(ids, VISION, images, videos[:-1], mask)
 
 
 @pytest.fixture(scope="module")
