@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 
 
 def timed(fn, args, repeats: int) -> float:
@@ -26,6 +27,18 @@ def timed(fn, args, repeats: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def measure_peaks(matmul: bool = True) -> dict:
+    """This device's attainable peaks: a 2 GiB bf16 copy (GB/s, bytes read + written) and,
+    with `matmul`, a bf16 8192^3 matmul (TFLOP/s): the denominators of the roofline columns."""
+    x = jax.random.normal(jax.random.key(2), (1 << 30,), jnp.bfloat16)
+    peaks = {"copy_gbps": 2 * x.nbytes / timed(jax.jit(lambda x: x + 1), (x,), 10) / 1e9}
+    del x
+    if matmul:
+        a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
+        peaks["matmul_tflops"] = 2 * 8192**3 / timed(jax.jit(lambda x, y: x @ y), (a, a), 10) / 1e12
+    return peaks
 
 
 def utc_stamp() -> str:

@@ -116,10 +116,10 @@ def gated_delta_rule(
         between neighbouring tokens.
       use_qk_l2norm: l2-normalise q and k over dk (in fp32) before use.
       backend: "reference" (token-serial scan), "chunked" (UT / WY chunks, pure jnp),
-        "pallas_tpu" (Pallas TPU forward kernel, interpreted off TPU; backward through the
-        chunked path for now), "pallas_gpu" (Pallas Triton kernels for the UT transform and the
-        state pass forward and backward, interpreted off GPU) or "auto" ("pallas_gpu" on GPU,
-        "chunked" elsewhere; see `auto_backend`).
+        "pallas_tpu" (Pallas TPU kernels, forward and backward, interpreted off TPU),
+        "pallas_gpu" (Pallas Triton kernels for the UT transform and the state pass forward
+        and backward, interpreted off GPU) or "auto" ("pallas_gpu" on GPU, "chunked"
+        elsewhere; see `auto_backend`).
 
     Returns:
       (out [B, T, Hv, dv] in v.dtype, final state [B, Hv, dk, dv] fp32, or

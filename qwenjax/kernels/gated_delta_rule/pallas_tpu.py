@@ -1,24 +1,18 @@
-"""Chunked gated delta rule as a Pallas TPU (Mosaic) kernel; interpret mode off TPU.
+"""Chunked gated delta rule as Pallas TPU (Mosaic) kernels, forward and backward.
 
-Same recurrence and chunked UT / WY algebra as `xla.py`. One kernel program handles one chunk of
-C = 64 tokens of one value head n of one batch row; the grid is (B, Hv, M) with the chunk axis
-sequential ("arbitrary"), so the fp32 state S [dk, dv] lives in a VMEM scratch buffer for a whole
-row. Value head n reads key head n // G (G = Hv / Hk) through its BlockSpec index map, so q and k
-are never repeated. Inside a chunk, with rows r, s, gam the inclusive cumsum of g and
-Gam_rs = exp(gam_r - gam_s), and (q, k) l2-normalised and q scaled in-kernel:
-
-    A   = beta_r (k_r . k_s) Gam_rs  for s < r in r's run, else 0    strictly lower triangular
-    Tm  = (I + A)^-1                       block doubling: X_2b = X_b - X_b E_b X_b, log2(C) steps
-    U   = Tm diag(beta) V                  W = Tm diag(beta * exp(gam) * m) K
-    Vn  = U - W S                                                     per-token deltas, [C, dv]
-    O   = diag(exp(gam) * m) Q S + ((Q K^T) * Gam * L_incl * same_run) Vn
-    S'  = exp(gam_last) [no reset in chunk] S + (K * exp(gam_last - gam) * l)^T Vn
+Same recurrence and chunked UT / WY algebra as `xla.py`; the per-chunk equations of both kernels
+are in `pallas_tpu_kernels.py`. The forward kernel handles one chunk of C = 64 tokens of one
+value head n of one batch row per program; its grid is (B, Hv, M) with the chunk axis sequential
+("arbitrary"), so the fp32 state S [dk, dv] lives in a VMEM scratch buffer for a whole row. Value
+head n reads key head n // G (G = Hv / Hk) through its BlockSpec index map, so q and k are never
+repeated. Inside a chunk, (q, k) are l2-normalised and q scaled in-kernel, A, (I + A)^-1 (block
+doubling), U, W and the decay masks are built from the inputs, and the state is read and updated.
 
 Packed documents use masks built from per-token reset flags (1 where the segment id differs from
 the previous token's; token 0 never resets): the chunk-local run index is the inclusive cumsum of
 the flags, m_r = [run_r == 0] marks rows that still see the incoming state, same_run keeps A and
 the QK term inside a run, and l_s = [run_s == run_last] keeps only the run reaching the chunk's
-end in the state update. No cross-chunk segment information is needed.
+end in the state update. No cross-chunk segment information is needed, in either direction.
 
 Layout (the Mosaic constraints: the last two dims of every block must be multiples of (8, 128)
 (16 for bf16 in the second-to-last) or equal the full array dims; lane slices must be static):
@@ -41,7 +35,29 @@ Layout (the Mosaic constraints: the last two dims of every block must be multipl
 All in-kernel math is fp32 with HIGHEST matmul precision (multi-pass on the MXU); float64 inputs
 are computed in fp32 and the results cast back.
 
-Where it runs: `interpret=None` (what the dispatch uses) stages the call through
+Differentiation: `jax.custom_vjp` with both directions as kernels.
+  * Residuals: the inputs plus the state before every chunk, [B, Hv, M, dkp, dvp] fp32, which the
+    forward kernel writes only under differentiation (the primal call skips the write). Cost:
+    4 dk dv / C bytes per token and value head (1 KiB at the 27B geometry, 4x a bf16 v; 1.6 GB
+    per layer at T = 32768). Storing beats recomputing them at the start of the backward: the
+    peak is reached inside the backward with all of them live either way (only a checkpointed
+    re-run of chunk ranges would lower it, at more compute), and under the model's block remat
+    this forward rule already runs inside the backward pass, so a recompute would be a second
+    forward kernel for nothing. Tm, U, W, A and the masks are recomputed per chunk, never stored.
+  * Backward kernel: grid (B, Hk, M, G), chunks in reverse, the G value heads of key head h
+    innermost. dS' (the gradient w.r.t. the state after the chunk) of each of the G heads is a
+    fp32 [G, dkp, dvp] VMEM scratch; per chunk it writes dv, dg and dbeta of value head n, and
+    adds dq, dk into the (C, dkp) block of key head h, which stays in VMEM across the G
+    consecutive steps (the accumulator pattern), so the grouped heads are summed in-kernel and
+    no [B, T, Hv, dk] buffer exists. The gradient of the initial state is written at the last
+    step. The kernel differentiates w.r.t. the normalised, scaled q and k; the l2norm and scale
+    VJP (elementwise, O(T d)) is applied outside with jnp, by JAX's autodiff of `prepare_qk`.
+  * Gradient buffers: dq, dk fp32 [B, Tp, Hk * dkp], dv in v's dtype, dg, dbeta fp32; all O(T d).
+    Compiled for v5p and v6e at the 27B layer (B 1, T 32768, bf16), fwd + bwd has 2.55 GB of
+    temporaries: the states, the fp32 dq, dk and the bf16 output (tests/kernels/
+    test_gdn_pallas_tpu.py bounds them).
+
+Where it runs: `interpret=None` (what the dispatch uses) stages each call through
 `lax.platform_dependent`, so the choice is made at lowering: Mosaic when lowering for TPU (also
 when compiling ahead of time for a TPU topology on a CPU host, where a trace-time
 `jax.default_backend()` test would wrongly pick the interpreter) and the Pallas HLO interpreter
@@ -49,11 +65,7 @@ when compiling ahead of time for a TPU topology on a CPU host, where a trace-tim
 interpreter (`pltpu.InterpretParams`: NaN-filled uninitialised VMEM, block bounds checks), which is
 closer to Mosaic but cannot be the `platform_dependent` default in jax 0.10.2: its ordered-IO
 effect makes lowering the pruned TPU branch fail ("Lowering rule for `cond` returns incorrect set
-of output tokens"). Both interpreters execute this same kernel body.
-
-Differentiation: `jax.custom_vjp` whose forward is the kernel (residuals: the inputs only) and
-whose backward, for now, is the VJP of the pure-JAX chunked path (`xla.py`) recomputed from the
-inputs. A Pallas backward kernel is the next step.
+of output tokens"). Both interpreters execute these same kernel bodies.
 """
 
 import functools
@@ -64,10 +76,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from qwenjax.kernels.gated_delta_rule.reference import L2NORM_EPS, compute_dtype
-from qwenjax.kernels.gated_delta_rule.xla import gated_delta_rule_chunked
+from qwenjax.kernels.gated_delta_rule.pallas_tpu_kernels import backward_kernel, forward_kernel
+from qwenjax.kernels.gated_delta_rule.reference import compute_dtype, prepare_qk
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 _LANES = 128
 
 
@@ -80,229 +91,277 @@ class _Config(NamedTuple):
     interpret: bool | None  # None: Mosaic on TPU, HLO interpreter elsewhere; True: TPU interpreter
 
 
-def _dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False):
-    """a @ b in fp32 at HIGHEST precision, with either operand optionally transposed."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
-
-
-def _masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
-    # The inner where keeps exp of masked entries (gam_r - gam_s above the diagonal) from
-    # overflowing to inf, which 0 * inf would turn into NaN.
-    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
-
-
-def _kernel(
-    q_ref,  # [C, E] one chunk of key head n // G
-    k_ref,  # [C, E]
-    v_ref,  # [C, H] one chunk of value head n
-    gates_ref,  # [2, C] rows: g, beta
-    reset_ref,  # [1, C]
-    s0_ref,  # [E, H] initial state of (row, head)
-    o_ref,  # [C, H]
-    s_out_ref,  # [E, H] final state of (row, head)
-    s_ref,  # [E, H] scratch: the state carried across chunks
-    *,
-    scale: float,
-    use_qk_l2norm: bool,
-):
-    chunk = pl.program_id(2)
-    c = q_ref.shape[0]
-
-    @pl.when(chunk == 0)
-    def _():
-        s_ref[...] = s0_ref[...]
-
-    q = q_ref[...].astype(jnp.float32)
-    k = k_ref[...].astype(jnp.float32)
-    if use_qk_l2norm:
-        q = q * jax.lax.rsqrt(jnp.sum(q * q, axis=1, keepdims=True) + L2NORM_EPS)
-        k = k * jax.lax.rsqrt(jnp.sum(k * k, axis=1, keepdims=True) + L2NORM_EPS)
-    q = q * scale
-    v = v_ref[...].astype(jnp.float32)
-
-    rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    eye, incl, strict = rows == cols, cols <= rows, cols < rows
-
-    def cumsum_col(x_row):  # [1, C] -> inclusive cumsum as a column [C, 1]
-        return jnp.sum(jnp.where(incl, x_row, 0.0), axis=1, keepdims=True)
-
-    def col_to_row(x_col):  # [C, 1] -> [1, C]
-        return jnp.sum(jnp.where(eye, x_col, 0.0), axis=0, keepdims=True)
-
-    def row_to_col(x_row):  # [1, C] -> [C, 1]
-        return jnp.sum(jnp.where(eye, x_row, 0.0), axis=1, keepdims=True)
-
-    g_row, beta_row, reset_row = gates_ref[0:1, :], gates_ref[1:2, :], reset_ref[...]
-    gam_col = cumsum_col(g_row)  # [C, 1]
-    gam_row = col_to_row(gam_col)  # [1, C]
-    gam_last = jnp.sum(g_row, axis=1, keepdims=True)  # [1, 1]
-    beta_col = row_to_col(beta_row)  # [C, 1]
-    run_col = cumsum_col(reset_row)  # [C, 1] chunk-local run index (exact small integers)
-    run_row = col_to_row(run_col)  # [1, C]
-    run_last = jnp.sum(reset_row, axis=1, keepdims=True)  # [1, 1]
-
-    same_run = run_col == run_row  # [C, S]
-    diff = gam_col - gam_row  # [C, S]
-    decay_strict = _masked_exp(diff, strict & same_run)
-    decay_incl = _masked_exp(diff, incl & same_run)
-    a = beta_col * _dot(k, k, trans_b=True) * decay_strict  # [C, S]
-    attn = _dot(q, k, trans_b=True) * decay_incl  # [C, S]
-
-    # (I + A)^-1 by block doubling: X_b inverts the diagonal blocks of size b; E_b holds the
-    # entries of A joining the two halves of each 2b block, and (X_b E_b)^2 = 0 makes
-    # X_2b = X_b - X_b E_b X_b exact. log2(C) levels of two C x C matmuls, no LAPACK.
-    tm = eye.astype(jnp.float32)
-    level = 0
-    while (1 << level) < c:
-        b = 1 << level
-        joins = ((rows >> (level + 1)) == (cols >> (level + 1))) & ((rows & b) != 0)
-        joins = joins & ((cols & b) == 0)
-        tm = tm - _dot(tm, _dot(jnp.where(joins, a, 0.0), tm))
-        level += 1
-
-    sees_state = run_col == 0.0  # [C, 1]  m_r
-    read_scale = jnp.where(sees_state, jnp.exp(gam_col), 0.0)  # [C, 1]
-    u = _dot(tm, beta_col * v)  # [C, H]
-    w = _dot(tm, (beta_col * read_scale) * k)  # [C, E]
-    s = s_ref[...]  # [E, H]
-    v_new = u - _dot(w, s)  # [C, H]
-    o = read_scale * _dot(q, s) + _dot(attn, v_new)  # [C, H]
-    o_ref[...] = o.astype(o_ref.dtype)
-
-    write_scale = _masked_exp(gam_last - gam_col, run_col == run_last)  # [C, 1]
-    state_decay = jnp.where(run_last == 0.0, jnp.exp(gam_last), 0.0)  # [1, 1]
-    s_ref[...] = state_decay * s + _dot(k * write_scale, v_new, trans_a=True)
-
-    @pl.when(chunk == pl.num_programs(2) - 1)
-    def _():
-        s_out_ref[...] = s_ref[...]
-
-
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _forward(
-    cfg: _Config,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    g: jax.Array,
-    beta: jax.Array,
-    initial_state: jax.Array | None,
-    segment_ids: jax.Array | None,
-) -> tuple[jax.Array, jax.Array]:
-    """Pads and lays out the inputs, runs the kernel, and undoes the padding."""
-    b, t, hk, dk = q.shape
-    hv, dv = v.shape[2:]
-    grp, c = hv // hk, cfg.chunk_size
-    tp, dkp, dvp = _round_up(t, c), _round_up(dk, _LANES), _round_up(dv, _LANES)
-    m = tp // c
-    state_dtype = compute_dtype(q, k, v)
-    # float64 exists only for CPU tests; the kernel computes in fp32 like it does on TPU.
-    in_dtype = jnp.float32 if jnp.dtype(q.dtype).itemsize > 4 else q.dtype
-    v_dtype = jnp.float32 if jnp.dtype(v.dtype).itemsize > 4 else v.dtype
+class _Dims(NamedTuple):
+    b: int
+    t: int
+    hk: int
+    hv: int
+    grp: int  # G = Hv / Hk
+    dk: int
+    dv: int
+    c: int  # chunk
+    m: int  # chunks
+    dkp: int  # dk padded to lanes
+    dvp: int
 
-    def pad(x, d, dp):  # [B, T, heads, d] -> [B, Tp, heads * dp]
-        x = jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, dp - d)))
-        return x.reshape(b, tp, -1)
+    @classmethod
+    def of(cls, cfg: _Config, q: jax.Array, v: jax.Array) -> "_Dims":
+        b, t, hk, dk = q.shape
+        hv, dv = v.shape[2:]
+        c = cfg.chunk_size
+        m = -(-t // c)
+        return cls(
+            b, t, hk, hv, hv // hk, dk, dv, c, m, _round_up(dk, _LANES), _round_up(dv, _LANES)
+        )
 
-    q2 = pad(q.astype(in_dtype), dk, dkp)  # [B, Tp, Hk * dkp]
-    k2 = pad(k.astype(in_dtype), dk, dkp)
-    v2 = pad(v.astype(v_dtype), dv, dvp)  # [B, Tp, Hv * dvp]
+    @property
+    def tp(self) -> int:
+        return self.m * self.c
+
+
+def _kernel_dtype(x: jax.Array) -> jnp.dtype:
+    # float64 exists only for CPU tests; the kernels compute in fp32 as they do on TPU.
+    return jnp.float32 if jnp.dtype(x.dtype).itemsize > 4 else x.dtype
+
+
+def _merge_heads(x: jax.Array, d: _Dims, dp: int) -> jax.Array:
+    """[B, T, heads, dim] -> [B, Tp, heads * dp], zero-padded, in the kernel dtype."""
+    x = jnp.pad(
+        x.astype(_kernel_dtype(x)), ((0, 0), (0, d.tp - d.t), (0, 0), (0, dp - x.shape[-1]))
+    )
+    return x.reshape(d.b, d.tp, -1)
+
+
+def _split_heads(x: jax.Array, d: _Dims, heads: int, dim: int) -> jax.Array:
+    """[B, Tp, heads * dp] -> [B, T, heads, dim], dropping the padding."""
+    return x.reshape(d.b, d.tp, heads, -1)[:, : d.t, :, :dim]
+
+
+class _Operands(NamedTuple):
+    """The kernels' inputs in their layouts (see the module docstring)."""
+
+    q: jax.Array  # [B, Tp, Hk * dkp]
+    k: jax.Array  # [B, Tp, Hk * dkp]
+    v: jax.Array  # [B, Tp, Hv * dvp]
+    gates: jax.Array  # [B, Hv, M, 2, C] fp32 rows: g, beta
+    reset: jax.Array  # [B, M, 1, C] fp32
+
+
+def _operands(d: _Dims, q, k, v, g, beta, segment_ids) -> _Operands:
     gates = jnp.stack([g, beta], axis=-1).astype(jnp.float32)  # [B, T, Hv, 2]
-    gates = jnp.pad(gates, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
-    gates = gates.reshape(b, m, c, hv, 2).transpose(0, 3, 1, 4, 2)  # [B, Hv, M, 2, C]
+    gates = jnp.pad(gates, ((0, 0), (0, d.tp - d.t), (0, 0), (0, 0)))
+    gates = gates.reshape(d.b, d.m, d.c, d.hv, 2).transpose(0, 3, 1, 4, 2)  # [B, Hv, M, 2, C]
     if segment_ids is None:
-        reset = jnp.zeros((b, tp), jnp.float32)
+        reset = jnp.zeros((d.b, d.tp), jnp.float32)
     else:
         # Token 0 never resets (the initial state is the first segment's); pads never do.
         reset = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.float32)
-        reset = jnp.pad(reset, ((0, 0), (1, tp - t)))
-    reset = reset.reshape(b, m, 1, c)  # [B, M, 1, C]
-    if initial_state is None:
-        s0 = jnp.zeros((b, hv, dkp, dvp), jnp.float32)
-    else:
-        s0 = initial_state.astype(jnp.float32)
-        s0 = jnp.pad(s0, ((0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)))  # [B, Hv, dkp, dvp]
+        reset = jnp.pad(reset, ((0, 0), (1, d.tp - d.t)))
+    return _Operands(
+        q=_merge_heads(q, d, d.dkp),
+        k=_merge_heads(k, d, d.dkp),
+        v=_merge_heads(v, d, d.dvp),
+        gates=gates,
+        reset=reset.reshape(d.b, d.m, 1, d.c),
+    )
 
-    kernel = functools.partial(_kernel, scale=cfg.scale, use_qk_l2norm=cfg.use_qk_l2norm)
 
-    # Index maps use lax.div, not //: jnp's floor division lowers through `sign`, whose Mosaic
-    # rule asks the local device for its TPU generation and fails on a CPU host compiling AOT.
+def _pad_state(state: jax.Array, d: _Dims) -> jax.Array:
+    """[B, Hv, dk, dv] -> [B, Hv, dkp, dvp] fp32."""
+    pad = ((0, 0), (0, 0), (0, d.dkp - d.dk), (0, d.dvp - d.dv))
+    return jnp.pad(state.astype(jnp.float32), pad)
+
+
+def _pallas(cfg: _Config, kernel, args, *, grid, in_specs, out_specs, out_shape, scratch, name):
+    """One pallas_call, on the backend `cfg.interpret` picks; the first two grid axes are
+    parallel, the rest sequential."""
+    semantics = ("parallel", "parallel") + ("arbitrary",) * (len(grid) - 2)
+
     def call(mode: str, *args):
         # pallas_call spells the HLO interpreter `True` and the TPU interpreter by its params.
         interpret = {"mosaic": False, "hlo": True, "tpu": pltpu.InterpretParams()}[mode]
         return pl.pallas_call(
             kernel,
-            grid=(b, hv, m),
-            in_specs=[
-                pl.BlockSpec((None, c, dkp), lambda i, n, j: (i, j, jax.lax.div(n, grp))),
-                pl.BlockSpec((None, c, dkp), lambda i, n, j: (i, j, jax.lax.div(n, grp))),
-                pl.BlockSpec((None, c, dvp), lambda i, n, j: (i, j, n)),
-                pl.BlockSpec((None, None, None, 2, c), lambda i, n, j: (i, n, j, 0, 0)),
-                pl.BlockSpec((None, None, 1, c), lambda i, n, j: (i, j, 0, 0)),
-                pl.BlockSpec((None, None, dkp, dvp), lambda i, n, j: (i, n, 0, 0)),
-            ],
-            out_specs=[
-                pl.BlockSpec((None, c, dvp), lambda i, n, j: (i, j, n)),
-                pl.BlockSpec((None, None, dkp, dvp), lambda i, n, j: (i, n, 0, 0)),
-            ],
-            out_shape=[
-                jax.ShapeDtypeStruct((b, tp, hv * dvp), v_dtype),
-                jax.ShapeDtypeStruct((b, hv, dkp, dvp), jnp.float32),
-            ],
-            scratch_shapes=[pltpu.VMEM((dkp, dvp), jnp.float32)],
-            compiler_params=pltpu.CompilerParams(
-                dimension_semantics=("parallel", "parallel", "arbitrary")
-            ),
+            grid=grid,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            out_shape=out_shape,
+            scratch_shapes=scratch,
+            compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
             interpret=interpret,
-            name="gated_delta_rule_fwd",
+            name=name,
         )(*args)
 
-    args = (q2, k2, v2, gates, reset, s0)
     if cfg.interpret is None:
-        out, state = jax.lax.platform_dependent(
+        return jax.lax.platform_dependent(
             *args, tpu=functools.partial(call, "mosaic"), default=functools.partial(call, "hlo")
         )
+    return call("tpu" if cfg.interpret else "mosaic", *args)
+
+
+def _forward(cfg: _Config, d: _Dims, x: _Operands, s0: jax.Array, save_states: bool):
+    """(out [B, Tp, Hv * dvp], final state [B, Hv, dkp, dvp] fp32[, states [B, Hv, M, dkp,
+    dvp] fp32: the state before each chunk])."""
+    c, dkp, dvp = d.c, d.dkp, d.dvp
+
+    # Index maps use lax.div, not //: jnp's floor division lowers through `sign`, whose Mosaic
+    # rule asks the local device for its TPU generation and fails on a CPU host compiling AOT.
+    def key_head(i, n, j):
+        return i, j, jax.lax.div(n, d.grp)
+
+    def state(i, n, j):
+        return i, n, 0, 0
+
+    out_specs = [
+        pl.BlockSpec((None, c, dvp), lambda i, n, j: (i, j, n)),
+        pl.BlockSpec((None, None, dkp, dvp), state),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((d.b, d.tp, d.hv * dvp), x.v.dtype),
+        jax.ShapeDtypeStruct((d.b, d.hv, dkp, dvp), jnp.float32),
+    ]
+    if save_states:
+        out_specs.append(
+            pl.BlockSpec((None, None, None, dkp, dvp), lambda i, n, j: (i, n, j, 0, 0))
+        )
+        out_shape.append(jax.ShapeDtypeStruct((d.b, d.hv, d.m, dkp, dvp), jnp.float32))
+    kernel = functools.partial(
+        forward_kernel,
+        scale=cfg.scale,
+        use_qk_l2norm=cfg.use_qk_l2norm,
+        save_states=save_states,
+    )
+    return _pallas(
+        cfg,
+        kernel,
+        (*x, s0),
+        grid=(d.b, d.hv, d.m),
+        in_specs=[
+            pl.BlockSpec((None, c, dkp), key_head),
+            pl.BlockSpec((None, c, dkp), key_head),
+            pl.BlockSpec((None, c, dvp), lambda i, n, j: (i, j, n)),
+            pl.BlockSpec((None, None, None, 2, c), lambda i, n, j: (i, n, j, 0, 0)),
+            pl.BlockSpec((None, None, 1, c), lambda i, n, j: (i, j, 0, 0)),
+            pl.BlockSpec((None, None, dkp, dvp), state),
+        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch=[pltpu.VMEM((dkp, dvp), jnp.float32)],
+        name="gated_delta_rule_fwd",
+    )
+
+
+def _backward(cfg: _Config, d: _Dims, x: _Operands, states, do, dsf):
+    """(dq, dk [B, Tp, Hk * dkp] fp32, dv [B, Tp, Hv * dvp], dgates [B, Hv, M, 2, C] fp32,
+    ds0 [B, Hv, dkp, dvp] fp32), dq and dk w.r.t. the normalised, scaled q and k."""
+    c, dkp, dvp, grp, last = d.c, d.dkp, d.dvp, d.grp, d.m - 1
+
+    # Grid (B, Hk, M, G): step j is chunk M - 1 - j; value head n = h G + i.
+    def key_head(b, h, j, i):
+        return b, last - j, h
+
+    def value_head(b, h, j, i):
+        return b, last - j, h * grp + i
+
+    def per_chunk(b, h, j, i):  # [B, Hv, M, ...]
+        return b, h * grp + i, last - j, 0, 0
+
+    def group_states(b, h, j, i):  # [B, Hv, dkp, dvp], the G heads of key head h
+        return b, h, 0, 0
+
+    kernel = functools.partial(backward_kernel, scale=cfg.scale, use_qk_l2norm=cfg.use_qk_l2norm)
+    gates = pl.BlockSpec((None, None, None, 2, c), per_chunk)
+    group = pl.BlockSpec((None, grp, dkp, dvp), group_states)
+    return _pallas(
+        cfg,
+        kernel,
+        (*x, states, do, dsf),
+        grid=(d.b, d.hk, d.m, grp),
+        in_specs=[
+            pl.BlockSpec((None, c, dkp), key_head),
+            pl.BlockSpec((None, c, dkp), key_head),
+            pl.BlockSpec((None, c, dvp), value_head),
+            gates,
+            pl.BlockSpec((None, None, 1, c), lambda b, h, j, i: (b, last - j, 0, 0)),
+            pl.BlockSpec((None, None, None, dkp, dvp), per_chunk),
+            pl.BlockSpec((None, c, dvp), value_head),
+            group,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, c, dkp), key_head),
+            pl.BlockSpec((None, c, dkp), key_head),
+            pl.BlockSpec((None, c, dvp), value_head),
+            gates,
+            group,
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(x.q.shape, jnp.float32),
+            jax.ShapeDtypeStruct(x.k.shape, jnp.float32),
+            jax.ShapeDtypeStruct(x.v.shape, x.v.dtype),
+            jax.ShapeDtypeStruct(x.gates.shape, jnp.float32),
+            jax.ShapeDtypeStruct(dsf.shape, jnp.float32),
+        ],
+        scratch=[pltpu.VMEM((grp, dkp, dvp), jnp.float32)],
+        name="gated_delta_rule_bwd",
+    )
+
+
+def _run_forward(cfg, q, k, v, g, beta, initial_state, segment_ids, *, save_states):
+    d = _Dims.of(cfg, q, v)
+    x = _operands(d, q, k, v, g, beta, segment_ids)
+    if initial_state is None:
+        s0 = jnp.zeros((d.b, d.hv, d.dkp, d.dvp), jnp.float32)
     else:
-        out, state = call("tpu" if cfg.interpret else "mosaic", *args)
-    out = out.reshape(b, tp, hv, dvp)[:, :t, :, :dv].astype(v.dtype)
-    return out, state[:, :, :dk, :dv].astype(state_dtype)
+        s0 = _pad_state(initial_state, d)
+    out, state, *states = _forward(cfg, d, x, s0, save_states)
+    out = _split_heads(out, d, d.hv, d.dv).astype(v.dtype)
+    state = state[:, :, : d.dk, : d.dv].astype(compute_dtype(q, k, v))
+    return (out, state), states
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gated_delta_rule(cfg, q, k, v, g, beta, initial_state, segment_ids):
-    return _forward(cfg, q, k, v, g, beta, initial_state, segment_ids)
+    outputs, _ = _run_forward(cfg, q, k, v, g, beta, initial_state, segment_ids, save_states=False)
+    return outputs
 
 
 def _fwd(cfg, q, k, v, g, beta, initial_state, segment_ids):
-    out = _forward(cfg, q, k, v, g, beta, initial_state, segment_ids)
-    # Only the inputs, which the caller keeps alive anyway: the backward recomputes the rest.
-    return out, (q, k, v, g, beta, initial_state, segment_ids)
+    outputs, (states,) = _run_forward(
+        cfg, q, k, v, g, beta, initial_state, segment_ids, save_states=True
+    )
+    return outputs, (q, k, v, g, beta, initial_state, segment_ids, states)
 
 
 def _bwd(cfg, residuals, cotangents):
-    q, k, v, g, beta, initial_state, segment_ids = residuals
-
-    def chunked(q, k, v, g, beta, initial_state):
-        return gated_delta_rule_chunked(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            scale=cfg.scale,
-            initial_state=initial_state,
-            segment_ids=segment_ids,
-            use_qk_l2norm=cfg.use_qk_l2norm,
-            chunk_size=cfg.chunk_size,
+    q, k, v, g, beta, initial_state, segment_ids, states = residuals
+    do, dsf = cotangents
+    d = _Dims.of(cfg, q, v)
+    x = _operands(d, q, k, v, g, beta, segment_ids)
+    do = _merge_heads(do, d, d.dvp).astype(x.v.dtype)
+    dq_hat, dk_hat, dv, dgates, ds0 = _backward(cfg, d, x, states, do, _pad_state(dsf, d))
+    # The kernel's dq, dk are w.r.t. the normalised, scaled q and k; add the l2norm and scale.
+    qk_hat, prepare_vjp = jax.vjp(lambda q, k: prepare_qk(q, k, cfg.scale, cfg.use_qk_l2norm), q, k)
+    dq, dk = prepare_vjp(
+        tuple(
+            _split_heads(dx, d, d.hk, d.dk).astype(x_hat.dtype)
+            for dx, x_hat in zip((dq_hat, dk_hat), qk_hat, strict=True)
         )
-
-    _, vjp = jax.vjp(chunked, q, k, v, g, beta, initial_state)
-    return (*vjp(cotangents), None)
+    )
+    dgates = dgates.transpose(0, 2, 4, 1, 3).reshape(d.b, d.tp, d.hv, 2)[:, : d.t]  # [B, T, Hv, 2]
+    ds0 = None if initial_state is None else ds0[:, :, : d.dk, : d.dv].astype(initial_state.dtype)
+    return (
+        dq,
+        dk,
+        _split_heads(dv, d, d.hv, d.dv).astype(v.dtype),
+        dgates[..., 0].astype(g.dtype),
+        dgates[..., 1].astype(beta.dtype),
+        ds0,
+        None,
+    )
 
 
 _gated_delta_rule.defvjp(_fwd, _bwd)
@@ -322,7 +381,7 @@ def gated_delta_rule_pallas_tpu(
     chunk_size: int = 64,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Gated delta rule, forward as a Pallas TPU kernel, backward via the pure-JAX chunked path.
+    """Gated delta rule with Pallas TPU kernels for the forward and the backward.
 
     Arguments and results are those of `api.gated_delta_rule` (shapes, dtypes, the
     optional initial state and segment ids); this backend adds:

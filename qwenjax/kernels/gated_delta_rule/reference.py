@@ -69,11 +69,15 @@ def delta_rule_step(
     Returns:
       (o [B, K, G, H], new state [B, K, G, E, H]).
     """
-    state = jnp.exp(g)[..., None, None] * state
-    u = jnp.einsum("bkgeh,bke->bkgh", state, k, precision=_HIGHEST)
-    delta = beta[..., None] * (v - u)  # [B, K, G, H]
-    state = state + k[:, :, None, :, None] * delta[:, :, :, None, :]
-    o = jnp.einsum("bkgeh,bke->bkgh", state, q, precision=_HIGHEST)
+    # The equations rearranged so that S is read twice and written once (decoding is bound by
+    # the state's memory traffic; the literal order reads it four times and writes it twice):
+    #   a = exp(g);  S^T k and S^T q in one pass;  d = beta (v - a S^T k)
+    #   o = S'^T q = a S^T q + (q . k) d;          S' = a S + k (x) d
+    a = jnp.exp(g)[..., None]  # [B, K, G, 1]
+    sk, sq = jnp.einsum("bkgeh,rbke->rbkgh", state, jnp.stack([k, q]), precision=_HIGHEST)
+    delta = beta[..., None] * (v - a * sk)  # [B, K, G, H]
+    o = a * sq + jnp.sum(q * k, axis=-1)[:, :, None, None] * delta
+    state = a[..., None] * state + k[:, :, None, :, None] * delta[:, :, :, None, :]
     return o, state
 
 
