@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import run_child, timed, utc_stamp, write_results
+from benchmarks.common import measure_peaks, run_child, timed, utc_stamp, write_results
 from qwenjax.kernels.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
 from qwenjax.kernels.gated_delta_rule.xla import gated_delta_rule_chunked
 
@@ -88,17 +88,6 @@ def fwd_and_bwd(impl):
     return fwd, jax.jit(both)
 
 
-def measure_peaks() -> dict:
-    a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
-    mm = jax.jit(lambda x, y: x @ y)
-    t = timed(mm, (a, a), 10)
-    x = jax.random.normal(jax.random.key(2), (1 << 30,), jnp.bfloat16)
-    copy = jax.jit(lambda x: x + 1)
-    tc = timed(copy, (x,), 10)
-    del x
-    return {"matmul_tflops": 2 * 8192**3 / t / 1e12, "copy_gbps": 2 * 2 * (1 << 30) / tc / 1e9}
-
-
 def check_on_device(shape=(2, 300, 2, 6, 128, 128)) -> dict:
     """fp32 Pallas vs the pure-JAX path on the device: forward, state and all gradients."""
     q, k, v, g, beta = inputs(shape, jnp.float32, seed=7)
@@ -129,14 +118,23 @@ def check_on_device(shape=(2, 300, 2, 6, 128, 128)) -> dict:
 
 
 def breakdown(shape, dtype, cfg_args, repeats: int) -> dict:
-    """Times the two halves of pallas_gpu apart: the parallel terms (jnp) and the state pass."""
+    """Times the parts of pallas_gpu apart: the terms that need no state (jnp and the UT
+    transform kernel), the whole state pass, and each of its kernels alone (the sequential
+    state_fwd and state_bwd, the parallel out_fwd, dv_local and dqkw)."""
     from qwenjax.kernels.gated_delta_rule import pallas_gpu as pg
     from qwenjax.kernels.gated_delta_rule.xla import chunk_terms
 
     q, k, v, g, beta = inputs(shape, dtype, seed=1)
     b, _, hk, hv, dk, dv = shape
     low = dtype != jnp.float32
-    precision = jax.lax.Precision.DEFAULT if low else jax.lax.Precision.HIGHEST
+    bv, nw, ns = cfg_args
+    cfg = pg._Config(
+        block_v=bv,
+        num_warps=nw,
+        num_stages=ns,
+        operand_dtype=dtype.name if low else "float32",
+        interpret=None,
+    )
 
     def terms_fn(q, k, v, g, beta):
         t_ = chunk_terms(
@@ -149,21 +147,16 @@ def breakdown(shape, dtype, cfg_args, repeats: int) -> dict:
             segment_ids=None,
             use_qk_l2norm=True,
             chunk_size=CHUNK,
-            precision=precision,
+            precision=jax.lax.Precision.DEFAULT if low else jax.lax.Precision.HIGHEST,
+            ut=lambda k, v, beta, gam, read, runs, precision: pg._ut(
+                cfg, k, v, beta, gam, read, runs
+            ),
         )
         io = dtype if low else jnp.float32
         return t_._replace(
             q=t_.q.astype(io), k=t_.k.astype(io), u=t_.u.astype(io), w=t_.w.astype(io), attn=None
         )
 
-    bv, nw, ns = cfg_args
-    cfg = pg._Config(
-        block_v=bv,
-        num_warps=nw,
-        num_stages=ns,
-        operand_dtype=dtype.name if low else "float32",
-        interpret=None,
-    )
     terms = jax.jit(terms_fn)(q, k, v, g, beta)
     s0 = jnp.zeros((b, hk, hv // hk, dk, dv), jnp.float32)
     pass_fwd = jax.jit(lambda t_, s: pg._state_pass(cfg, t_, s))
@@ -180,11 +173,26 @@ def breakdown(shape, dtype, cfg_args, repeats: int) -> dict:
         out, vjp = jax.vjp(floats, *a)
         return vjp(jax.tree.map(jnp.ones_like, out))
 
+    def kernel(fn):
+        return jax.jit(lambda *a: fn(cfg, *a))
+
+    h, vn, _ = kernel(pg._state_fwd)(terms, s0)
+    do = jnp.ones_like(vn)
+    dvl = kernel(pg._dv_local)(terms, do)
+    dh, dvn, _ = kernel(pg._state_bwd)(terms, do, dvl, s0)
+    kernels = {
+        "state_fwd": (pg._state_fwd, (terms, s0)),
+        "out_fwd": (pg._out_fwd, (terms, h, vn)),
+        "dv_local": (pg._dv_local, (terms, do)),
+        "state_bwd": (pg._state_bwd, (terms, do, dvl, s0)),
+        "dqkw": (pg._dqkw, (terms, h, dh, vn, dvn, do)),
+    }
     return {
         "terms_fwd_s": timed(jax.jit(terms_fn), (q, k, v, g, beta), repeats),
         "terms_fwd_bwd_s": timed(jax.jit(terms_both), (q, k, v, g, beta), repeats),
         "pass_fwd_s": timed(pass_fwd, (terms, s0), repeats),
         "pass_fwd_bwd_s": timed(jax.jit(pass_both), (terms, s0), repeats),
+        **{f"{name}_s": timed(kernel(fn), a, repeats) for name, (fn, a) in kernels.items()},
     }
 
 
@@ -245,7 +253,7 @@ def main() -> None:
     p.add_argument(
         "--breakdown",
         action="store_true",
-        help="also time pallas_gpu's jnp terms and its state-pass kernels apart",
+        help="also time pallas_gpu's stateless terms, its state pass and each of its kernels",
     )
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()

@@ -217,3 +217,23 @@ def test_decode_step_bad_shapes_raise(name: str, corrupt, message: str):
 def test_unknown_backend_raises():
     with pytest.raises(ValueError, match="valid: auto, reference, chunked"):
         gated_delta_rule(**make_inputs(8, 4), backend="triton")
+
+
+@pytest.mark.parametrize(("dk", "dv", "expected"), [(24, 40, "pallas_gpu"), (24, 160, "chunked")])
+def test_auto_falls_back_from_pallas_gpu_above_verified_head_dims(monkeypatch, dk, dv, expected):
+    """On GPU "auto" means pallas_gpu, but not for head dims it was never verified at."""
+    from qwenjax.kernels.gated_delta_rule import api
+
+    called, reference = [], api._BACKENDS["reference"]
+
+    def spy(name):
+        return lambda *a, **kw: called.append(name) or reference(*a, **kw)
+
+    monkeypatch.setattr(api, "_AUTO", {jax.default_backend(): "pallas_gpu"})
+    monkeypatch.setattr(api, "_BACKENDS", {**api._BACKENDS, **{n: spy(n) for n in api._BACKENDS}})
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (1, 5, 2, dk))
+    v = jax.random.normal(ks[1], (1, 5, 6, dv))
+    gates = jax.nn.sigmoid(jax.random.normal(ks[2], (1, 5, 6)))
+    gated_delta_rule(q, q, v, jnp.log(gates), gates)
+    assert called == [expected]

@@ -1,7 +1,10 @@
 """Pallas GPU (Triton) gated delta rule: interpreted on CPU vs the float64 oracle, VJPs, lowering.
 
 Off GPU the kernels (UT transform, state pass forward and backward) run in the Pallas HLO
-interpreter, so this is the kernel code the GPU runs. Sizes and tolerances: see `gdn_cases`.
+interpreter, so this is the kernel code the GPU runs. Sizes and tolerances: see `gdn_cases`; its
+segments start on a chunk edge (64, also an edge of 32-token chunks) and one token after it.
+test_gdn_pallas.py checks the VJP at the default launch options (one value and one key block);
+here it is checked with several of each.
 The lowering test traces the real Triton lowering for CUDA at the 27B layer geometry on this CPU
 (the Triton IR is produced by JAX; only its compilation to GPU code needs the device), which
 catches shapes and ops the Triton backend rejects. Speed is measured on a GPU by
@@ -9,9 +12,11 @@ benchmarks/gated_delta_rule.py, which also repeats the fp32 checks there.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from qwenjax.kernels.gated_delta_rule import gated_delta_rule
@@ -19,6 +24,7 @@ from qwenjax.kernels.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_
 from tests.kernels.gdn_cases import (
     DK,
     DV,
+    GRAD_TOL,
     HV,
     ORACLE_TOL,
     B,
@@ -41,6 +47,28 @@ def test_interpreter_matches_oracle(seq_len: int, block_v):
     assert rel_err(state, state_ref) <= ORACLE_TOL, f"state {rel_err(state, state_ref):.2e}"
 
 
+def test_vjp_with_several_value_and_key_blocks():
+    """block_v 16 splits the padded dv (64) into 4 value blocks and the padded dk (32) into 2 key
+    blocks of the dq/dk/dw kernel; 32-token chunks give 5 chunks, one segment starting on a chunk
+    edge. VJP w.r.t. every input vs autodiff of the token-serial reference."""
+    seq_len = 130
+    x, seg = make_inputs(5, seq_len), segment_ids(seq_len)
+    rng = np.random.default_rng(6)
+    cot = tuple(rng.standard_normal(s, np.float32) for s in ((B, seq_len, HV, DV), (B, HV, DK, DV)))
+    options = {"block_v": 16, "chunk_size": 32, "interpret": True}
+    kernels = functools.partial(gated_delta_rule_pallas_gpu, segment_ids=seg, **options)
+    reference = functools.partial(gated_delta_rule, segment_ids=seg, backend="reference")
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def vjp(fn, inputs):
+        return jax.vjp(lambda kw: fn(**kw), inputs)[1](cot)[0]
+
+    grads, grads_ref = vjp(kernels, x), vjp(reference, x)
+    for name in x:
+        err = rel_err(grads[name], grads_ref[name])
+        assert err <= GRAD_TOL, f"d/d{name}: rel err {err:.2e}"
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [({"block_v": 24}, "block_v must be a power of two"), ({"chunk_size": 48}, "chunk_size")],
@@ -52,8 +80,10 @@ def test_bad_launch_options_raise(options, message):
 
 
 def test_lowers_to_triton_at_27b_geometry():
-    """fwd + bwd at the 27B layer (Hk 16, Hv 48, d 128, T 4096, bf16) lower to four Triton
-    kernels for CUDA: the UT transform and the state pass, each forward and backward."""
+    """fwd + bwd at the 27B layer (Hk 16, Hv 48, d 128, T 4096, bf16) lower to seven Triton
+    kernels for CUDA, each launched once: the UT transform and its backward, the state pass
+    forward (sequential state_fwd, parallel out_fwd) and backward (dv_local, sequential
+    state_bwd, dqkw)."""
     b, t, hk, hv, d = 1, 4096, 16, 48, 128
     spec = jax.ShapeDtypeStruct
     args = (
@@ -68,8 +98,9 @@ def test_lowers_to_triton_at_27b_geometry():
         out, state = gated_delta_rule(*a, backend="pallas_gpu")
         return out.astype(jnp.float32).sum() + state.sum()
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    # value_and_grad: with grad alone, JAX drops out_fwd (O is not needed for the gradient).
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
     text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    names = ("ut", "ut_bwd", "state_fwd", "state_bwd")
-    for name in (f"gated_delta_rule_{n}" for n in names):
-        assert name in text, f"{name} missing from the CUDA lowering"
+    launched = sorted(re.findall(r'name = "gated_delta_rule_(\w+)"', text))
+    kernels = ["dqkw", "dv_local", "out_fwd", "state_bwd", "state_fwd", "ut", "ut_bwd"]
+    assert launched == kernels, f"Triton kernels in the CUDA lowering: {launched}"

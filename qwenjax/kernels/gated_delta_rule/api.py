@@ -35,6 +35,10 @@ _BACKENDS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
 # kernels beat the pure-JAX path 6-8x forward and 1.6-1.9x fwd+bwd at the 27B geometry. On
 # TPU the Pallas forward is not yet measured on a chip, so the pure-JAX path stays.
 _AUTO = {"gpu": "pallas_gpu"}
+# The head dims the Pallas GPU kernels were verified and timed at on an H100. Larger heads mean
+# larger [dk, BV] state tiles and [C, dk] operand tiles per program, which may not fit shared
+# memory; "auto" falls back to the pure-JAX path there rather than fail to compile.
+PALLAS_GPU_MAX_HEAD_DIM = 128
 _override: list[str] = []
 
 
@@ -53,12 +57,15 @@ def auto_backend(name: str) -> Iterator[None]:
         _override.pop()
 
 
-def _resolve(backend: str) -> str:
+def _resolve(backend: str, head_dims: tuple[int, int]) -> str:
     if backend != "auto":
         return backend
     if _override:
         return _override[-1]
-    return _AUTO.get(jax.default_backend(), "chunked")
+    name = _AUTO.get(jax.default_backend(), "chunked")
+    if name == "pallas_gpu" and max(head_dims) > PALLAS_GPU_MAX_HEAD_DIM:
+        return "chunked"
+    return name
 
 
 def _check_heads(q: jax.Array, k: jax.Array, v: jax.Array, lead: tuple[int, ...]) -> None:
@@ -118,8 +125,8 @@ def gated_delta_rule(
       backend: "reference" (token-serial scan), "chunked" (UT / WY chunks, pure jnp),
         "pallas_tpu" (Pallas TPU kernels, forward and backward, interpreted off TPU),
         "pallas_gpu" (Pallas Triton kernels for the UT transform and the state pass forward
-        and backward, interpreted off GPU) or "auto" ("pallas_gpu" on GPU, "chunked"
-        elsewhere; see `auto_backend`).
+        and backward, interpreted off GPU) or "auto" ("pallas_gpu" on GPU for head dims up to
+        `PALLAS_GPU_MAX_HEAD_DIM`, "chunked" elsewhere; see `auto_backend`).
 
     Returns:
       (out [B, T, Hv, dv] in v.dtype, final state [B, Hv, dk, dv] fp32, or
@@ -128,7 +135,7 @@ def gated_delta_rule(
     Raises:
       ValueError: on an unknown backend or inconsistent shapes.
     """
-    name = _resolve(backend)
+    name = _resolve(backend, (q.shape[-1], v.shape[-1]))
     if name not in _BACKENDS:
         valid = ", ".join(["auto", *_BACKENDS])
         raise ValueError(f"unknown gated delta rule backend {backend!r}; valid: {valid}")

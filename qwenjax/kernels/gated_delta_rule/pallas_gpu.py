@@ -1,42 +1,57 @@
 """Chunked gated delta rule as Pallas GPU (Triton) kernels, forward and backward.
 
 The chunked form (`xla.py`) splits into terms that need no state, computed for all chunks at
-once by `xla.chunk_terms`, and the state pass, which is sequential over chunks. Four kernels:
-the UT transform (A, (I + A)^-1 by block doubling, U, W; one program per chunk and value head)
-and its backward, which recompute Tm; the state pass forward and backward. The cheap elementwise
-terms (l2norm, scale, the decay cumsum and scales) stay jnp, fused by XLA and differentiated by
-JAX. In pure JAX the state pass is a `lax.scan` whose every step is a handful of small launches;
-here it is one kernel per direction. Per chunk, with S the fp32 state [E, H] before the chunk
-and D the decay mask of the chunk:
+once by `xla.chunk_terms`, and the state pass, which is sequential over chunks. The UT transform
+(A, (I + A)^-1 by block doubling, U, W; one program per chunk and value head) and its backward
+are kernels that recompute Tm; the cheap elementwise terms (l2norm, scale, the decay cumsum and
+scales) stay jnp, fused by XLA and differentiated by JAX. Per chunk, with S the fp32 state
+[E, H] before the chunk and D the decay mask of the chunk:
 
     Vn = U - W S                                   per-token deltas [C, H]
     O  = read * (Q S) + ((Q K^T) * D) Vn           D_rs = exp(gam_r - gam_s) [s <= r, same run]
     S' = decay * S + K^T (write * Vn)
 
-A program owns one (batch row, value head, block of BV value columns): value columns never mix in
-the recurrence, so splitting H multiplies the parallelism (B * Hv * H / BV programs) at the cost
-of recomputing Q K^T once per block. Value head n reads key head n // G through its BlockSpec
-index map, so q and k are never repeated. The decay mask is built in-kernel from gam and the
-run ids; nothing of size [C, C] per chunk is read from memory.
+Only S' depends on the previous chunk, so the state pass is split as flash-linear-attention
+splits it: a sequential kernel does the least per chunk (2 matmuls), storing the state before
+every chunk (h) and Vn; everything else is parallel over chunks. The kernels, their grids and
+their matmuls per chunk (NV = H / BV value blocks, NK = E / BK key blocks, BK = min(BV, E)):
 
-The forward stores the state before every chunk ([B, K, G, M, E, H] fp32, the "per-chunk
-states"); the backward runs the chunks in reverse with dS (the gradient of the state after the
-chunk), recomputing Vn and the mask:
+    state_fwd  (B, Hv, NV)      sequential   2  h[i] = S, Vn = U - W S, S' as above
+    out_fwd    (B, Hv, M, NV)   parallel     3  O from Q K^T, Q h[i], (Q K^T * D) Vn
+    dv_local   (B, Hv, M, NV)   parallel     2  dVl = (Q K^T * D)^T dO
+    state_bwd  (B, Hv, NV)      sequential   3  dh[i] = dS', dVn, dS; chunks in reverse
+    dqkw       (B, Hv, M, NK)   parallel     4 NV + 2   every other gradient
 
-    dVn   = (Q K^T * D)^T dO + write * (K dS')        dU = dVn,  dW = -dVn S^T
-    dQ    = read * (dO S^T) + dP K,    dK = dP^T Q + (write * Vn) dS'^T,  dP = (dO Vn^T) * D
-    dread = rowsum(dO * Q S),  dwrite = rowsum(Vn * K dS'),  ddecay = sum(S * dS')
-    dgam  = rowsum(dP * QK^T) - colsum(dP * QK^T)      (through D)
-    dS    = decay * dS' + Q^T (read * dO) - W^T dVn
+The backward, with dS' the gradient of the state after the chunk (dh[i]):
 
-Terms summed over H (dW, dQ, dK, dread, dwrite, ddecay, dgam) are written per value block and
-summed outside, as are dQ, dK over the G value heads that share a key head (the same for dK of
-the UT transform).
+    dVn   = dVl + write * (K dS')                     dU = dVn
+    dS    = decay * dS' + Q^T (read * dO) - W^T dVn    (state_bwd; dS of chunk 0 is ds0)
+    dP    = (dO Vn^T) * D,   dW = -dVn h^T
+    dQ    = read * (dO h^T) + dP K,    dK = dP^T Q + write * (Vn dh^T)
+    dread = rowsum(Q * (dO h^T)),  dwrite = rowsum(K * (Vn dh^T)),  ddecay = sum(h * dh)
+    dgam  = rowsum(Q * (dP K)) - rowsum(K * (dP^T Q))    (= rowsum - colsum of dP * Q K^T)
+
+dqkw loops over the NV value blocks inside the program (the sums over H need no buffers) and is
+gridded over key blocks, so a program holds three [C, BK] fp32 accumulators (dO h^T, Vn dh^T,
+dVn h^T) and one [C, C] (dO Vn^T), as fla's chunk_bwd_dqkwg does with BK = BV = 64. Its sums over
+E (dgam, dread, dwrite, ddecay) are written per key block and summed outside; dQ and dK are
+written per value head and summed outside over the G value heads that share a key head (as dK of
+the UT transform is). Value head n reads key head n // G through its BlockSpec index map, so q and
+k are never repeated, and the decay mask is built in-kernel from gam and the run ids: nothing of
+size [C, C] per chunk is read from memory.
+
+Stored between the kernels, in the operand dtype: h [B, K, G, M, E, H] and Vn [B, M, K, G, C, H]
+by the forward (the backward's residuals with q, k, w and the gates; not U), dVl, dh and dVn by
+the backward. At the 27B geometry (Hv 48, E = H = 128) with 1 x 32768 bf16 tokens: h and dh
+768 MiB each, Vn, dVl and dVn 384 MiB each; dQ and dK per value head are fp32 (768 MiB each)
+before the sum over G.
 
 Precision: the state and every accumulation are fp32. For fp32 (or float64) inputs the matmul
-operands are fp32 at HIGHEST precision (IEEE on the tensor cores' fp32 path, not tf32). For bf16 or
-fp16 inputs, q, k, u, w are stored and multiplied in that dtype (fp32 accumulation), as
-flash-linear-attention does; S and Vn are rounded to it only as matmul operands.
+operands are fp32 at HIGHEST precision (IEEE on the tensor cores' fp32 path, not tf32) and
+everything stored is fp32. For bf16 or fp16 inputs, q, k, u, w, h, Vn and the gradients between
+kernels are stored and multiplied in that dtype (fp32 accumulation), as flash-linear-attention
+does: h, dh and Vn are only matmul operands, except ddecay = sum(h * dh), which then sums rounded
+values.
 
 Where it runs: Triton when lowered for CUDA (`lax.platform_dependent`), the Pallas HLO interpreter
 everywhere else, so CPU tests run this same kernel code. Head dims are zero-padded to a power of
@@ -95,111 +110,136 @@ def _decay_mask(gam, runs):
     return jnp.where(mask, jnp.exp(jnp.where(mask, gam[:, None] - gam[None, :], 0.0)), 0.0)
 
 
-def _load_chunk(i, q_ref, k_ref, u_ref, w_ref, gam_ref, read_ref, write_ref, decay_ref, run_ref):
-    f32 = jnp.float32
-    return (
-        q_ref[i],  # [C, E]
-        k_ref[i],  # [C, E]
-        u_ref[i].astype(f32),  # [C, BV]
-        w_ref[i],  # [C, E]
-        gam_ref[i].astype(f32),  # [C]
-        read_ref[i].astype(f32),  # [C]
-        write_ref[i].astype(f32),  # [C]
-        decay_ref[i].astype(f32),  # scalar
-        run_ref[i],  # [C]
-    )
+def _attn(q, k, gam_ref, run_ref, dtype):
+    """(Q K^T) * D [C, S] of one chunk."""
+    mask = _decay_mask(gam_ref[...].astype(jnp.float32), run_ref[...])
+    return _dot(q, k, dtype, trans_b=True) * mask
 
 
-def _fwd_kernel(
-    q_ref,  # [M, C, E] key head n // G
-    k_ref,  # [M, C, E]
+def _state_fwd_kernel(
+    k_ref,  # [M, C, E] key head n // G
     u_ref,  # [M, C, BV] value head n, value block j
     w_ref,  # [M, C, E]
-    gam_ref,  # [M, C]
-    read_ref,  # [M, C]
     write_ref,  # [M, C]
     decay_ref,  # [M]
-    run_ref,  # [M, C]
     s0_ref,  # [E, BV]
-    o_ref,  # [M, C, BV]
-    sf_ref,  # [E, BV]
-    h_ref,  # [M, E, BV] state before each chunk
+    h_ref,  # [M, E, BV] out: the state before each chunk
+    vn_ref,  # [M, C, BV] out
+    sf_ref,  # [E, BV] out
     *,
     dtype,
 ):
-    inputs = (q_ref, k_ref, u_ref, w_ref, gam_ref, read_ref, write_ref, decay_ref, run_ref)
-
     def chunk(i, s):
-        q, k, u, w, gam, read, write, decay, runs = _load_chunk(i, *inputs)
-        h_ref[i] = s
-        vn = u - _dot(w, s, dtype)  # [C, BV]
-        attn = _dot(q, k, dtype, trans_b=True) * _decay_mask(gam, runs)  # [C, S]
-        o = read[:, None] * _dot(q, s, dtype) + _dot(attn, vn, dtype)
-        o_ref[i] = o.astype(o_ref.dtype)
-        return decay * s + _dot(k, write[:, None] * vn, dtype, trans_a=True)
+        h_ref[i] = s.astype(h_ref.dtype)
+        vn = u_ref[i].astype(jnp.float32) - _dot(w_ref[i], s, dtype)  # [C, BV]
+        vn_ref[i] = vn.astype(vn_ref.dtype)
+        write = write_ref[i].astype(jnp.float32)[:, None]
+        return decay_ref[i] * s + _dot(k_ref[i], write * vn, dtype, trans_a=True)
 
-    s = jax.lax.fori_loop(0, q_ref.shape[0], chunk, s0_ref[...].astype(jnp.float32))
+    s = jax.lax.fori_loop(0, k_ref.shape[0], chunk, s0_ref[...].astype(jnp.float32))
     sf_ref[...] = s
 
 
-def _bwd_kernel(
+def _out_kernel(q_ref, k_ref, h_ref, vn_ref, gam_ref, read_ref, run_ref, o_ref, *, dtype):
+    """O = read * (Q h) + ((Q K^T) * D) Vn of one chunk and value block: q, k [C, E];
+    h [E, BV]; vn, o [C, BV]; gam, read, runs [C]."""
+    q = q_ref[...]
+    attn = _attn(q, k_ref[...], gam_ref, run_ref, dtype)  # [C, S]
+    read = read_ref[...].astype(jnp.float32)[:, None]
+    o = read * _dot(q, h_ref[...], dtype) + _dot(attn, vn_ref[...], dtype)
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _dv_local_kernel(q_ref, k_ref, gam_ref, run_ref, do_ref, dvl_ref, *, dtype):
+    """dVl = ((Q K^T) * D)^T dO of one chunk and value block: do, dvl [C, BV]."""
+    attn = _attn(q_ref[...], k_ref[...], gam_ref, run_ref, dtype)  # [C, S]
+    dvl_ref[...] = _dot(attn, do_ref[...], dtype, trans_a=True).astype(dvl_ref.dtype)
+
+
+def _state_bwd_kernel(
     q_ref,  # [M, C, E]
     k_ref,  # [M, C, E]
-    u_ref,  # [M, C, BV]
     w_ref,  # [M, C, E]
-    gam_ref,  # [M, C]
     read_ref,  # [M, C]
     write_ref,  # [M, C]
     decay_ref,  # [M]
-    run_ref,  # [M, C]
-    h_ref,  # [M, E, BV]
     do_ref,  # [M, C, BV]
+    dvl_ref,  # [M, C, BV]
     dsf_ref,  # [E, BV]
-    du_ref,  # [M, C, BV]
-    dw_ref,  # [M, C, E] partial over value blocks (and, for dq / dk, over grouped heads)
-    dq_ref,  # [M, C, E]
-    dk_ref,  # [M, C, E]
-    dgam_ref,  # [M, C]
-    dread_ref,  # [M, C]
-    dwrite_ref,  # [M, C]
-    ddecay_ref,  # [M]
-    ds0_ref,  # [E, BV]
+    dh_ref,  # [M, E, BV] out: the gradient of the state after each chunk
+    dvn_ref,  # [M, C, BV] out: dVn = dU
+    ds0_ref,  # [E, BV] out
     *,
     dtype,
 ):
-    inputs = (q_ref, k_ref, u_ref, w_ref, gam_ref, read_ref, write_ref, decay_ref, run_ref)
-    m = q_ref.shape[0]
+    m, f32 = q_ref.shape[0], jnp.float32
 
     def chunk(j, ds):  # ds: gradient w.r.t. the state after chunk i
         i = m - 1 - j
-        q, k, u, w, gam, read, write, decay, runs = _load_chunk(i, *inputs)
-        s = h_ref[i]  # [E, BV]
-        do = do_ref[i].astype(jnp.float32)  # [C, BV]
-        vn = u - _dot(w, s, dtype)  # [C, BV]
-        mask = _decay_mask(gam, runs)  # [C, S]
-        qk = _dot(q, k, dtype, trans_b=True)  # [C, S]
-        kds = _dot(k, ds, dtype)  # [C, BV]
-        dvn = _dot(qk * mask, do, dtype, trans_a=True) + write[:, None] * kds
-        du_ref[i] = dvn.astype(du_ref.dtype)
-        dw_ref[i] = -_dot(dvn, s, dtype, trans_b=True)
-        dp = _dot(do, vn, dtype, trans_b=True) * mask  # [C, S]
-        dq_ref[i] = read[:, None] * _dot(do, s, dtype, trans_b=True) + _dot(dp, k, dtype)
-        dk_ref[i] = _dot(dp, q, dtype, trans_a=True) + _dot(
-            write[:, None] * vn, ds, dtype, trans_b=True
-        )
-        dg = dp * qk
-        dgam_ref[i] = jnp.sum(dg, axis=1) - jnp.sum(dg, axis=0)
-        dread_ref[i] = jnp.sum(do * _dot(q, s, dtype), axis=1)
-        dwrite_ref[i] = jnp.sum(vn * kds, axis=1)
-        ddecay_ref[i] = jnp.sum(s * ds)
+        dh_ref[i] = ds.astype(dh_ref.dtype)
+        write, read = write_ref[i].astype(f32)[:, None], read_ref[i].astype(f32)[:, None]
+        dvn = dvl_ref[i].astype(f32) + write * _dot(k_ref[i], ds, dtype)  # [C, BV]
+        dvn_ref[i] = dvn.astype(dvn_ref.dtype)
+        rdo = read * do_ref[i].astype(f32)
         return (
-            decay * ds
-            + _dot(q, read[:, None] * do, dtype, trans_a=True)
-            - _dot(w, dvn, dtype, trans_a=True)
+            decay_ref[i] * ds
+            + _dot(q_ref[i], rdo, dtype, trans_a=True)
+            - _dot(w_ref[i], dvn, dtype, trans_a=True)
         )
 
-    ds = jax.lax.fori_loop(0, m, chunk, dsf_ref[...].astype(jnp.float32))
-    ds0_ref[...] = ds
+    ds0_ref[...] = jax.lax.fori_loop(0, m, chunk, dsf_ref[...].astype(f32))
+
+
+def _dqkw_kernel(
+    q_ref,  # [C, BK] key head n // G, key block
+    k_ref,  # [C, BK]
+    h_ref,  # [BK, H]
+    dh_ref,  # [BK, H]
+    vn_ref,  # [C, H]
+    dvn_ref,  # [C, H]
+    do_ref,  # [C, H]
+    gam_ref,  # [C]
+    read_ref,  # [C]
+    write_ref,  # [C]
+    run_ref,  # [C]
+    dq_ref,  # [C, BK] per value head
+    dk_ref,  # [C, BK] per value head
+    dw_ref,  # [C, BK]
+    dgam_ref,  # [C] partial over key blocks
+    dread_ref,  # [C] partial
+    dwrite_ref,  # [C] partial
+    ddecay_ref,  # [] partial
+    *,
+    dtype,
+    block_v: int,
+):
+    """Every gradient of one chunk but dU, for one key block; value blocks looped over."""
+    f32 = jnp.float32
+    c, bk = q_ref.shape
+    dp = jnp.zeros((c, c), f32)  # dO Vn^T, masked below
+    doh, vndh, dvnh = (jnp.zeros((c, bk), f32) for _ in range(3))  # dO h^T, Vn dh^T, dVn h^T
+    ddecay = jnp.zeros((), f32)
+    for j in range(h_ref.shape[1] // block_v):
+        cols = slice(j * block_v, (j + 1) * block_v)
+        h, dh = h_ref[:, cols], dh_ref[:, cols]  # [BK, BV]
+        vn, do = vn_ref[:, cols], do_ref[:, cols]  # [C, BV]
+        dp += _dot(do, vn, dtype, trans_b=True)
+        doh += _dot(do, h, dtype, trans_b=True)
+        vndh += _dot(vn, dh, dtype, trans_b=True)
+        dvnh += _dot(dvn_ref[:, cols], h, dtype, trans_b=True)
+        ddecay += jnp.sum(h.astype(f32) * dh.astype(f32))
+    q, k = q_ref[...], k_ref[...]
+    dp = dp * _decay_mask(gam_ref[...].astype(f32), run_ref[...])
+    dpk = _dot(dp, k, dtype)  # [C, BK]
+    dpq = _dot(dp, q, dtype, trans_a=True)  # [C, BK]
+    q32, k32 = q.astype(f32), k.astype(f32)
+    dq_ref[...] = read_ref[...].astype(f32)[:, None] * doh + dpk
+    dk_ref[...] = dpq + write_ref[...].astype(f32)[:, None] * vndh
+    dw_ref[...] = (-dvnh).astype(dw_ref.dtype)
+    dgam_ref[...] = jnp.sum(q32 * dpk, axis=1) - jnp.sum(k32 * dpq, axis=1)
+    dread_ref[...] = jnp.sum(q32 * doh, axis=1)
+    dwrite_ref[...] = jnp.sum(k32 * vndh, axis=1)
+    ddecay_ref[...] = ddecay
 
 
 def _dot32(a, b, dtype, *, trans_a: bool = False, trans_b: bool = False):
@@ -290,11 +330,8 @@ def _dims(t: ChunkTerms) -> _Dims:
     return _Dims(b, m, c, hk, grp, t.q.shape[-1], h)
 
 
-def _specs(d: _Dims, bv: int) -> dict[str, pl.BlockSpec]:
-    """BlockSpecs of grid (B, Hv, H / BV) over the `ChunkTerms` layouts."""
-
-    def key_head(n):
-        return n // d.grp
+def _seq_specs(d: _Dims, bv: int) -> dict[str, pl.BlockSpec]:
+    """BlockSpecs of the sequential grid (B, Hv, H / BV): every chunk (M) in one block."""
 
     def value_head(n):
         return n // d.grp, n % d.grp
@@ -305,29 +342,55 @@ def _specs(d: _Dims, bv: int) -> dict[str, pl.BlockSpec]:
             lambda b, n, j: (b, 0, *value_head(n), *([0] * len(block))),
         )
 
-    def partial(*block):  # [NV, B, M, K, G, ...]
-        return pl.BlockSpec(
-            (None, None, d.m, None, None, *block),
-            lambda b, n, j: (j, b, 0, *value_head(n), *([0] * len(block))),
-        )
-
-    state = pl.BlockSpec((None, None, None, d.e, bv), lambda b, n, j: (b, *value_head(n), 0, j))
     return {
-        "qk": pl.BlockSpec((None, d.m, d.c, None, d.e), lambda b, n, j: (b, 0, 0, key_head(n), 0)),
+        "qk": pl.BlockSpec((None, d.m, d.c, None, d.e), lambda b, n, j: (b, 0, 0, n // d.grp, 0)),
         "uv": pl.BlockSpec(  # [B, M, K, G, C, H], value block j
             (None, d.m, None, None, d.c, bv), lambda b, n, j: (b, 0, *value_head(n), 0, j)
         ),
         "w": per_v(d.c, d.e),  # [B, M, K, G, C, E]
         "vec": per_v(d.c),  # [B, M, K, G, C]
         "scalar": per_v(),  # [B, M, K, G]
-        "runs": pl.BlockSpec((None, d.m, d.c), lambda b, n, j: (b, 0, 0)),
-        "state": state,  # [B, K, G, E, H]
-        "h": pl.BlockSpec(
+        "state": pl.BlockSpec(  # [B, K, G, E, H]
+            (None, None, None, d.e, bv), lambda b, n, j: (b, *value_head(n), 0, j)
+        ),
+        "h": pl.BlockSpec(  # [B, K, G, M, E, H]
             (None, None, None, d.m, d.e, bv), lambda b, n, j: (b, *value_head(n), 0, 0, j)
-        ),  # [B, K, G, M, E, H]
-        "p_e": partial(d.c, d.e),  # [NV, B, M, K, G, C, E]
-        "p_vec": partial(d.c),  # [NV, B, M, K, G, C]
-        "p_scalar": partial(),  # [NV, B, M, K, G]
+        ),
+    }
+
+
+def _chunk_specs(d: _Dims, bk: int, bv: int) -> dict[str, pl.BlockSpec]:
+    """BlockSpecs of a parallel grid (B, Hv, M, X), one chunk per program. X picks the value
+    block when bk == E (out_fwd, dv_local) or the key block when bv == H (dqkw)."""
+    over_k = bk < d.e
+
+    def kb(x):
+        return x if over_k else 0
+
+    def vb(x):
+        return 0 if over_k else x
+
+    def heads(n):
+        return n // d.grp, n % d.grp
+
+    def per_v(*block):  # [B, M, K, G, ...]
+        return (None, None, None, None, *block)
+
+    return {
+        "qk": pl.BlockSpec(  # [B, M, C, K, E]
+            (None, None, d.c, None, bk), lambda b, n, i, x: (b, i, 0, n // d.grp, kb(x))
+        ),
+        "uv": pl.BlockSpec(per_v(d.c, bv), lambda b, n, i, x: (b, i, *heads(n), 0, vb(x))),
+        "e": pl.BlockSpec(per_v(d.c, bk), lambda b, n, i, x: (b, i, *heads(n), 0, kb(x))),
+        "vec": pl.BlockSpec(per_v(d.c), lambda b, n, i, x: (b, i, *heads(n), 0)),
+        "runs": pl.BlockSpec((None, None, d.c), lambda b, n, i, x: (b, i, 0)),
+        "h": pl.BlockSpec(  # [B, K, G, M, E, H]
+            per_v(bk, bv), lambda b, n, i, x: (b, *heads(n), i, kb(x), vb(x))
+        ),
+        "p_vec": pl.BlockSpec(  # [NK, B, M, K, G, C], partial sums over key blocks
+            (None, *per_v(d.c)), lambda b, n, i, x: (x, b, i, *heads(n), 0)
+        ),
+        "p_scalar": pl.BlockSpec((None, *per_v()), lambda b, n, i, x: (x, b, i, *heads(n))),
     }
 
 
@@ -353,100 +416,159 @@ def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape, name, *arg
     return run(cfg.interpret, *args)
 
 
-def _pass_specs(sp: dict[str, pl.BlockSpec]) -> list[pl.BlockSpec]:
-    """Specs of `_pass_inputs`, in order."""
-    return [sp["qk"], sp["qk"], sp["uv"], sp["w"], *[sp["vec"]] * 3, sp["scalar"], sp["runs"]]
+def _like(x: jax.Array, dtype=None) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype if dtype is None else dtype)
 
 
-def _pass_inputs(t: ChunkTerms):
-    return (t.q, t.k, t.u, t.w, t.gam, t.read, t.write, t.decay, t.runs)
-
-
-def _forward(cfg: _Config, t: ChunkTerms, s0: jax.Array):
+def _state_fwd(cfg: _Config, t: ChunkTerms, s0: jax.Array):
+    """Sequential: (h [B, K, G, M, E, H], Vn [B, M, K, G, C, H], final state [B, K, G, E, H])."""
     d = _dims(t)
-    sp = _specs(d, cfg.block_v)
-    f32 = jnp.float32
-    kernel = functools.partial(_fwd_kernel, dtype=jnp.dtype(cfg.operand_dtype))
+    sp = _seq_specs(d, cfg.block_v)
+    io = jnp.dtype(cfg.operand_dtype)
     return _call(
         cfg,
-        kernel,
+        functools.partial(_state_fwd_kernel, dtype=io),
         (d.b, d.hk * d.grp, d.h // cfg.block_v),
-        [*_pass_specs(sp), sp["state"]],
-        [sp["uv"], sp["state"], sp["h"]],
+        [sp["qk"], sp["uv"], sp["w"], sp["vec"], sp["scalar"], sp["state"]],
+        [sp["h"], sp["uv"], sp["state"]],
         [
-            jax.ShapeDtypeStruct(t.u.shape, t.u.dtype),
-            jax.ShapeDtypeStruct(s0.shape, f32),
-            jax.ShapeDtypeStruct((d.b, d.hk, d.grp, d.m, d.e, d.h), f32),
+            jax.ShapeDtypeStruct((d.b, d.hk, d.grp, d.m, d.e, d.h), io),
+            _like(t.u, io),
+            _like(s0, jnp.float32),
         ],
         "gated_delta_rule_state_fwd",
-        *_pass_inputs(t),
+        t.k,
+        t.u,
+        t.w,
+        t.write,
+        t.decay,
         s0,
     )
 
 
+def _per_value_block(cfg: _Config, t: ChunkTerms, kernel, name: str, specs, *args):
+    """A parallel kernel over (B, Hv, M, H / BV) whose output is laid out like u."""
+    d = _dims(t)
+    sp = _chunk_specs(d, d.e, cfg.block_v)
+    return _call(
+        cfg,
+        functools.partial(kernel, dtype=jnp.dtype(cfg.operand_dtype)),
+        (d.b, d.hk * d.grp, d.m, d.h // cfg.block_v),
+        [sp[s] for s in specs],
+        sp["uv"],
+        _like(t.u),
+        f"gated_delta_rule_{name}",
+        *args,
+    )
+
+
+def _out_fwd(cfg: _Config, t: ChunkTerms, h: jax.Array, vn: jax.Array) -> jax.Array:
+    """Parallel over chunks: out [B, M, K, G, C, H]."""
+    specs = ("qk", "qk", "h", "uv", "vec", "vec", "runs")
+    args = (t.q, t.k, h, vn, t.gam, t.read, t.runs)
+    return _per_value_block(cfg, t, _out_kernel, "out_fwd", specs, *args)
+
+
+def _dv_local(cfg: _Config, t: ChunkTerms, do: jax.Array) -> jax.Array:
+    """Parallel over chunks: dVl [B, M, K, G, C, H], the intra-chunk part of dVn."""
+    specs = ("qk", "qk", "vec", "runs", "uv")
+    return _per_value_block(
+        cfg, t, _dv_local_kernel, "dv_local", specs, t.q, t.k, t.gam, t.runs, do
+    )
+
+
+def _state_bwd(cfg: _Config, t: ChunkTerms, do: jax.Array, dvl: jax.Array, dsf: jax.Array):
+    """Sequential, chunks in reverse: (dh [B, K, G, M, E, H], dVn = dU, ds0 [B, K, G, E, H])."""
+    d = _dims(t)
+    sp = _seq_specs(d, cfg.block_v)
+    io = jnp.dtype(cfg.operand_dtype)
+    return _call(
+        cfg,
+        functools.partial(_state_bwd_kernel, dtype=io),
+        (d.b, d.hk * d.grp, d.h // cfg.block_v),
+        [sp["qk"], sp["qk"], sp["w"], *[sp["vec"]] * 2, sp["scalar"], *[sp["uv"]] * 2, sp["state"]],
+        [sp["h"], sp["uv"], sp["state"]],
+        [
+            jax.ShapeDtypeStruct((d.b, d.hk, d.grp, d.m, d.e, d.h), io),
+            _like(t.u),
+            _like(dsf, jnp.float32),
+        ],
+        "gated_delta_rule_state_bwd",
+        t.q,
+        t.k,
+        t.w,
+        t.read,
+        t.write,
+        t.decay,
+        do,
+        dvl,
+        dsf,
+    )
+
+
+def _dqkw(cfg: _Config, t: ChunkTerms, h, dh, vn, dvn, do):
+    """Parallel over chunks and key blocks: dq, dk (per value head), dw [B, M, K, G, C, E] and
+    the partials over key blocks of dgam, dread, dwrite [NK, B, M, K, G, C], ddecay [NK, ...]."""
+    d = _dims(t)
+    bk = min(cfg.block_v, d.e)
+    nk, f32 = d.e // bk, jnp.float32
+    sp = _chunk_specs(d, bk, d.h)
+    per_e = jax.ShapeDtypeStruct(t.w.shape, f32)
+    part_vec = jax.ShapeDtypeStruct((nk, *t.gam.shape), f32)
+    part_scalar = jax.ShapeDtypeStruct((nk, *t.decay.shape), f32)
+    return _call(
+        cfg,
+        functools.partial(_dqkw_kernel, dtype=jnp.dtype(cfg.operand_dtype), block_v=cfg.block_v),
+        (d.b, d.hk * d.grp, d.m, nk),
+        [sp["qk"], sp["qk"], sp["h"], sp["h"], *[sp["uv"]] * 3, *[sp["vec"]] * 3, sp["runs"]],
+        [sp["e"], sp["e"], sp["e"], *[sp["p_vec"]] * 3, sp["p_scalar"]],
+        [per_e, per_e, _like(t.w), part_vec, part_vec, part_vec, part_scalar],
+        "gated_delta_rule_dqkw",
+        t.q,
+        t.k,
+        h,
+        dh,
+        vn,
+        dvn,
+        do,
+        t.gam,
+        t.read,
+        t.write,
+        t.runs,
+    )
+
+
+def _forward(cfg: _Config, t: ChunkTerms, s0: jax.Array):
+    h, vn, sf = _state_fwd(cfg, t, s0)
+    return _out_fwd(cfg, t, h, vn), sf, h, vn
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _state_pass(cfg: _Config, t: ChunkTerms, s0: jax.Array):
-    out, sf, _ = _forward(cfg, t, s0)
+    out, sf, _, _ = _forward(cfg, t, s0)
     return out, sf
 
 
 def _state_pass_fwd(cfg, t, s0):
-    out, sf, h = _forward(cfg, t, s0)
-    return (out, sf), (t, h)
+    out, sf, h, vn = _forward(cfg, t, s0)
+    return (out, sf), (t._replace(u=None), h, vn)  # the backward reads Vn, never U
 
 
 def _state_pass_bwd(cfg, residuals, cotangents):
-    t, h = residuals
+    t, h, vn = residuals
+    t = t._replace(u=vn)  # only as the shape and dtype of U (and of out, dVl, dVn)
     do, dsf = cotangents
-    d = _dims(t)
-    sp = _specs(d, cfg.block_v)
-    nv, f32 = d.h // cfg.block_v, jnp.float32
-    per_vec = (nv, d.b, d.m, d.hk, d.grp, d.c)
+    dh, dvn, ds0 = _state_bwd(cfg, t, do, _dv_local(cfg, t, do), dsf)
+    dq, dk, dw, dgam, dread, dwrite, ddecay = _dqkw(cfg, t, h, dh, vn, dvn, do)
 
-    def shape(*s, dtype=f32):
-        return jax.ShapeDtypeStruct(s, dtype)
-
-    kernel = functools.partial(_bwd_kernel, dtype=jnp.dtype(cfg.operand_dtype))
-    du, dw, dq, dk, dgam, dread, dwrite, ddecay, ds0 = _call(
-        cfg,
-        kernel,
-        (d.b, d.hk * d.grp, nv),
-        [*_pass_specs(sp), sp["h"], sp["uv"], sp["state"]],
-        [
-            sp["uv"],
-            sp["p_e"],
-            sp["p_e"],
-            sp["p_e"],
-            *[sp["p_vec"]] * 3,
-            sp["p_scalar"],
-            sp["state"],
-        ],
-        [
-            shape(*t.u.shape, dtype=t.u.dtype),
-            shape(*per_vec, d.e),
-            shape(*per_vec, d.e),
-            shape(*per_vec, d.e),
-            shape(*per_vec),
-            shape(*per_vec),
-            shape(*per_vec),
-            shape(*per_vec[:-1]),
-            shape(d.b, d.hk, d.grp, d.e, d.h),
-        ],
-        "gated_delta_rule_state_bwd",
-        *_pass_inputs(t),
-        h,
-        do,
-        dsf,
-    )
-
-    def per_key_head(x):  # [NV, B, M, K, G, C, E] -> [B, M, C, K, E]
-        return jnp.moveaxis(x.sum(axis=(0, 4)), 3, 2)
+    def per_key_head(x):  # [B, M, K, G, C, E] -> [B, M, C, K, E]
+        return jnp.moveaxis(x.sum(axis=3), 3, 2)
 
     grads = t._replace(
         q=per_key_head(dq).astype(t.q.dtype),
         k=per_key_head(dk).astype(t.k.dtype),
-        u=du,
-        w=dw.sum(axis=0).astype(t.w.dtype),
+        u=dvn,
+        w=dw,
         gam=dgam.sum(axis=0),
         read=dread.sum(axis=0),
         write=dwrite.sum(axis=0),
