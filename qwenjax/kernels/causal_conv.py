@@ -17,6 +17,7 @@ def causal_conv1d(
     *,
     segment_ids: jax.Array | None = None,
     state: jax.Array | None = None,
+    state_segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Depthwise causal conv.
 
@@ -26,6 +27,8 @@ def causal_conv1d(
       segment_ids: `[B, T]`; a tap never crosses a document boundary. The carried state belongs
         to the first token's document.
       state: `[B, W−1, C]` the inputs before `x` (zeros when None).
+      state_segment_ids: `[B, W−1]` the documents of the state's inputs (a context-parallel
+        shard's halo); by default they belong to the first token's document.
 
     Returns:
       `(y [B, T, C], new_state [B, W−1, C])`, y in the dtype of x (fp32 accumulation).
@@ -38,7 +41,9 @@ def causal_conv1d(
         state = jnp.zeros((b, width - 1, c), x.dtype)
     full = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, W-1+T, C]
     if segment_ids is not None:
-        seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], width - 1, axis=1), segment_ids], 1)
+        if state_segment_ids is None:
+            state_segment_ids = jnp.repeat(segment_ids[:, :1], width - 1, axis=1)
+        seg = jnp.concatenate([state_segment_ids, segment_ids], axis=1)
     acc = jnp.promote_types(x.dtype, jnp.float32)  # accumulate like a conv kernel, round once
     y = jnp.zeros((b, t, c), acc)
     for j in range(width):

@@ -23,6 +23,11 @@ applied to S_in from the neighbouring segment ids. The all-gathered (M, S_local)
 are combined in order on every device (P small products of [dk, dk] x [dk, dv]), so each device
 knows its S_in and the final state of the whole sequence.
 
+Short conv. Token t reads inputs t - W + 1 .. t, so a shard needs only the previous shard's last
+W - 1 inputs (and their segment ids): one neighbour exchange (`ppermute`) of [B, W - 1, C]. Left
+to XLA's partitioner, the conv's shifted slices of a time-sharded input make it reshard the
+whole activation to channel sharding and back (two all-to-alls per layer).
+
 Attention. Keys, values and their positions / segment ids are all-gathered over the axis; the
 queries stay local. Memory per device is the full K/V plus [T / P, T] logits, and under the causal
 mask the last shard does the most work; a ring (or zig-zag) schedule would fix both and is not
@@ -33,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from qwenjax.kernels.attention import attention
+from qwenjax.kernels.causal_conv import causal_conv1d
 from qwenjax.kernels.gated_delta_rule import gated_delta_rule
 from qwenjax.kernels.gated_delta_rule.reference import compute_dtype
 
@@ -168,3 +174,32 @@ def attention_context_parallel(
         scale=scale,
         backend=backend,
     )
+
+
+def causal_conv1d_context_parallel(
+    x: jax.Array,
+    weight: jax.Array,
+    *,
+    axis_name: str | tuple[str, ...],
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
+    """`causal_conv1d(...)[0]` of this device's tokens `x [B, T/P, C]` (segment ids `[B, T/P]`),
+    with the previous shard's last W - 1 inputs as its state (zeros on shard 0)."""
+    halo = weight.shape[0] - 1
+    if x.shape[1] < halo:
+        raise ValueError(f"{x.shape[1]} tokens per shard is fewer than the conv's {halo} taps back")
+    shards = jax.lax.axis_size(axis_name)
+    to_next = [(p, p + 1) for p in range(shards - 1)]  # shard 0 receives zeros
+
+    def from_previous(a):
+        return jax.lax.ppermute(a[:, a.shape[1] - halo :], axis_name, to_next)
+
+    state_segments = None if segment_ids is None else from_previous(segment_ids)
+    y, _ = causal_conv1d(
+        x,
+        weight,
+        segment_ids=segment_ids,
+        state=from_previous(x),
+        state_segment_ids=state_segments,
+    )
+    return y

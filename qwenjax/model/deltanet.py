@@ -21,7 +21,10 @@ from flax import nnx
 from qwenjax import sharding as ax
 from qwenjax.config import ModelConfig
 from qwenjax.kernels.causal_conv import causal_conv1d
-from qwenjax.kernels.context_parallel import gated_delta_rule_context_parallel
+from qwenjax.kernels.context_parallel import (
+    causal_conv1d_context_parallel,
+    gated_delta_rule_context_parallel,
+)
 from qwenjax.kernels.gated_delta_rule import gated_delta_rule, gated_delta_step
 from qwenjax.model.cache import CONV_STATE, GDN_STATE, DeltaNetCache, read_rows
 from qwenjax.model.context import Context
@@ -99,7 +102,7 @@ class GatedDeltaNet(nnx.Module):
 
     def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
         m, z, beta, g = self._inputs(x)
-        m, _ = causal_conv1d(m, self.conv1d[...].astype(self.dtype), segment_ids=ctx.segment_ids)
+        m = _conv(m, self.conv1d[...].astype(self.dtype), ctx.segment_ids)
         q, k, v = self._split(m)
         o, _ = _rule(q, k, v, g, beta, ctx.segment_ids)
         return self._out(o, z, x.dtype)
@@ -134,6 +137,21 @@ class DeltaNetPending:
     v: jax.Array  # [B, T, N, H]
     g: jax.Array  # [B, T, N]
     beta: jax.Array  # [B, T, N]
+
+
+def _conv(m: jax.Array, weight: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """The short conv over whole packed rows; on a time-split mesh, each device's shard with
+    its neighbour's last inputs (see `context_parallel`)."""
+    axis = ax.context_axes()
+    if axis is None:
+        return causal_conv1d(m, weight, segment_ids=segment_ids)[0]
+    channels = (ax.BATCH, ax.LENGTH, ax.GDN_CHANNELS)  # [B, T, C]
+    names = [channels, (ax.CONV_WIDTH, ax.GDN_CHANNELS)]
+    if segment_ids is None:
+        fn = lambda m, w: causal_conv1d_context_parallel(m, w, axis_name=axis)
+        return ax.shard_kernel(fn, (m, weight), names, channels)
+    fn = lambda m, w, s: causal_conv1d_context_parallel(m, w, axis_name=axis, segment_ids=s)
+    return ax.shard_kernel(fn, (m, weight, segment_ids), [*names, (ax.BATCH, ax.LENGTH)], channels)
 
 
 def _rule(q, k, v, g, beta, segment_ids) -> tuple[jax.Array, jax.Array]:

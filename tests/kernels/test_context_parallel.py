@@ -15,8 +15,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from qwenjax.kernels.attention import attention
+from qwenjax.kernels.causal_conv import causal_conv1d
 from qwenjax.kernels.context_parallel import (
     attention_context_parallel,
+    causal_conv1d_context_parallel,
     gated_delta_rule_context_parallel,
 )
 from qwenjax.kernels.gated_delta_rule import gated_delta_rule
@@ -174,3 +176,38 @@ def test_attention_context_parallel(mesh):
     want = jax.grad(lambda *a: jnp.sum(full(*a) * ct), (0, 1, 2))(q, k, v, pos, seg)
     for name, got, expected in zip("qkv", grads, want, strict=True):
         assert rel_err(got, expected) < 1e-3, name
+
+
+@pytest.mark.parametrize("with_segments", [True, False])
+def test_causal_conv_context_parallel(mesh, with_segments):
+    """Segments start inside shards, exactly on the shard 1 | 2 boundary, and one starts
+    W - 2 tokens before a boundary; only W - 1 tokens per shard cross devices."""
+    rng = np.random.default_rng(4)
+    width, channels = 4, 10
+    x = rng.standard_normal((B, T, channels)).astype(np.float32)
+    w = rng.standard_normal((width, channels)).astype(np.float32)
+    seg = segment_ids()
+    seg[1, 2 * SHARD_LEN - (width - 2) :] += 7  # reads back across the boundary into it
+    seg = jnp.asarray(seg) if with_segments else None
+    tokens = P(None, "sequence")
+
+    def local(x, w, *seg):
+        return causal_conv1d_context_parallel(
+            x, w, axis_name="sequence", segment_ids=seg[0] if seg else None
+        )
+
+    args = (x, w, *([seg] if with_segments else []))
+    specs = (tokens, P(), *([tokens] if with_segments else []))
+    sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=tokens))
+    want = causal_conv1d(x, w, segment_ids=seg)[0]
+    assert rel_err(sharded(*args), want) < 1e-6
+    ct = rng.standard_normal(want.shape)
+    grads = jax.grad(lambda x, w: jnp.sum(sharded(x, w, *args[2:]) * ct), (0, 1))(x, w)
+    want_grads = jax.grad(
+        lambda x, w: jnp.sum(causal_conv1d(x, w, segment_ids=seg)[0] * ct), (0, 1)
+    )(x, w)
+    for got, expected in zip(grads, want_grads, strict=True):
+        assert rel_err(got, expected) < 1e-5
+    hlo = sharded.lower(*args).compile().as_text()
+    assert "all-to-all" not in hlo and "all-gather" not in hlo
+    assert f"f32[{B},{width - 1},{channels}]{{2,1,0}} collective-permute" in hlo.replace("%", "")
