@@ -53,6 +53,9 @@ kernels are stored and multiplied in that dtype (fp32 accumulation), as flash-li
 does: h, dh and Vn are only matmul operands, except ddecay = sum(h * dh), which then sums rounded
 values.
 
+The kernel bodies are in `pallas_gpu_kernels.py`; this module holds their grids, BlockSpecs,
+launches and gradients.
+
 Where it runs: Triton when lowered for CUDA (`lax.platform_dependent`), the Pallas HLO interpreter
 everywhere else, so CPU tests run this same kernel code. Head dims are zero-padded to a power of
 two >= 16 (Triton's dot needs it; exact, zero columns change nothing), T to a multiple of C.
@@ -66,6 +69,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from qwenjax.kernels.gated_delta_rule.pallas_gpu_kernels import (
+    dqkw_kernel,
+    dv_local_kernel,
+    out_kernel,
+    state_bwd_kernel,
+    state_fwd_kernel,
+    ut_bwd_kernel,
+    ut_kernel,
+)
 from qwenjax.kernels.gated_delta_rule.reference import compute_dtype
 from qwenjax.kernels.gated_delta_rule.xla import (
     ChunkTerms,
@@ -87,232 +99,6 @@ class _Config(NamedTuple):
 
 def _next_pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
-
-
-def _dot(a, b, dtype, *, trans_a: bool = False, trans_b: bool = False):
-    """a @ b with operands in `dtype`, fp32 accumulation; fp32 operands at HIGHEST precision."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-    return jax.lax.dot_general(
-        a.astype(dtype),
-        b.astype(dtype),
-        dims,
-        precision=precision,
-        preferred_element_type=jnp.float32,
-    )
-
-
-def _decay_mask(gam, runs):
-    """D [C, S]: exp(gam_r - gam_s) for s <= r in the same run, else 0 (never exp of > 0)."""
-    c = gam.shape[0]
-    rows, cols = jnp.arange(c)[:, None], jnp.arange(c)[None, :]
-    mask = (cols <= rows) & (runs[:, None] == runs[None, :])
-    return jnp.where(mask, jnp.exp(jnp.where(mask, gam[:, None] - gam[None, :], 0.0)), 0.0)
-
-
-def _attn(q, k, gam_ref, run_ref, dtype):
-    """(Q K^T) * D [C, S] of one chunk."""
-    mask = _decay_mask(gam_ref[...].astype(jnp.float32), run_ref[...])
-    return _dot(q, k, dtype, trans_b=True) * mask
-
-
-def _state_fwd_kernel(
-    k_ref,  # [M, C, E] key head n // G
-    u_ref,  # [M, C, BV] value head n, value block j
-    w_ref,  # [M, C, E]
-    write_ref,  # [M, C]
-    decay_ref,  # [M]
-    s0_ref,  # [E, BV]
-    h_ref,  # [M, E, BV] out: the state before each chunk
-    vn_ref,  # [M, C, BV] out
-    sf_ref,  # [E, BV] out
-    *,
-    dtype,
-):
-    def chunk(i, s):
-        h_ref[i] = s.astype(h_ref.dtype)
-        vn = u_ref[i].astype(jnp.float32) - _dot(w_ref[i], s, dtype)  # [C, BV]
-        vn_ref[i] = vn.astype(vn_ref.dtype)
-        write = write_ref[i].astype(jnp.float32)[:, None]
-        return decay_ref[i] * s + _dot(k_ref[i], write * vn, dtype, trans_a=True)
-
-    s = jax.lax.fori_loop(0, k_ref.shape[0], chunk, s0_ref[...].astype(jnp.float32))
-    sf_ref[...] = s
-
-
-def _out_kernel(q_ref, k_ref, h_ref, vn_ref, gam_ref, read_ref, run_ref, o_ref, *, dtype):
-    """O = read * (Q h) + ((Q K^T) * D) Vn of one chunk and value block: q, k [C, E];
-    h [E, BV]; vn, o [C, BV]; gam, read, runs [C]."""
-    q = q_ref[...]
-    attn = _attn(q, k_ref[...], gam_ref, run_ref, dtype)  # [C, S]
-    read = read_ref[...].astype(jnp.float32)[:, None]
-    o = read * _dot(q, h_ref[...], dtype) + _dot(attn, vn_ref[...], dtype)
-    o_ref[...] = o.astype(o_ref.dtype)
-
-
-def _dv_local_kernel(q_ref, k_ref, gam_ref, run_ref, do_ref, dvl_ref, *, dtype):
-    """dVl = ((Q K^T) * D)^T dO of one chunk and value block: do, dvl [C, BV]."""
-    attn = _attn(q_ref[...], k_ref[...], gam_ref, run_ref, dtype)  # [C, S]
-    dvl_ref[...] = _dot(attn, do_ref[...], dtype, trans_a=True).astype(dvl_ref.dtype)
-
-
-def _state_bwd_kernel(
-    q_ref,  # [M, C, E]
-    k_ref,  # [M, C, E]
-    w_ref,  # [M, C, E]
-    read_ref,  # [M, C]
-    write_ref,  # [M, C]
-    decay_ref,  # [M]
-    do_ref,  # [M, C, BV]
-    dvl_ref,  # [M, C, BV]
-    dsf_ref,  # [E, BV]
-    dh_ref,  # [M, E, BV] out: the gradient of the state after each chunk
-    dvn_ref,  # [M, C, BV] out: dVn = dU
-    ds0_ref,  # [E, BV] out
-    *,
-    dtype,
-):
-    m, f32 = q_ref.shape[0], jnp.float32
-
-    def chunk(j, ds):  # ds: gradient w.r.t. the state after chunk i
-        i = m - 1 - j
-        dh_ref[i] = ds.astype(dh_ref.dtype)
-        write, read = write_ref[i].astype(f32)[:, None], read_ref[i].astype(f32)[:, None]
-        dvn = dvl_ref[i].astype(f32) + write * _dot(k_ref[i], ds, dtype)  # [C, BV]
-        dvn_ref[i] = dvn.astype(dvn_ref.dtype)
-        rdo = read * do_ref[i].astype(f32)
-        return (
-            decay_ref[i] * ds
-            + _dot(q_ref[i], rdo, dtype, trans_a=True)
-            - _dot(w_ref[i], dvn, dtype, trans_a=True)
-        )
-
-    ds0_ref[...] = jax.lax.fori_loop(0, m, chunk, dsf_ref[...].astype(f32))
-
-
-def _dqkw_kernel(
-    q_ref,  # [C, BK] key head n // G, key block
-    k_ref,  # [C, BK]
-    h_ref,  # [BK, H]
-    dh_ref,  # [BK, H]
-    vn_ref,  # [C, H]
-    dvn_ref,  # [C, H]
-    do_ref,  # [C, H]
-    gam_ref,  # [C]
-    read_ref,  # [C]
-    write_ref,  # [C]
-    run_ref,  # [C]
-    dq_ref,  # [C, BK] per value head
-    dk_ref,  # [C, BK] per value head
-    dw_ref,  # [C, BK]
-    dgam_ref,  # [C] partial over key blocks
-    dread_ref,  # [C] partial
-    dwrite_ref,  # [C] partial
-    ddecay_ref,  # [] partial
-    *,
-    dtype,
-    block_v: int,
-):
-    """Every gradient of one chunk but dU, for one key block; value blocks looped over."""
-    f32 = jnp.float32
-    c, bk = q_ref.shape
-    dp = jnp.zeros((c, c), f32)  # dO Vn^T, masked below
-    doh, vndh, dvnh = (jnp.zeros((c, bk), f32) for _ in range(3))  # dO h^T, Vn dh^T, dVn h^T
-    ddecay = jnp.zeros((), f32)
-    for j in range(h_ref.shape[1] // block_v):
-        cols = slice(j * block_v, (j + 1) * block_v)
-        h, dh = h_ref[:, cols], dh_ref[:, cols]  # [BK, BV]
-        vn, do = vn_ref[:, cols], do_ref[:, cols]  # [C, BV]
-        dp += _dot(do, vn, dtype, trans_b=True)
-        doh += _dot(do, h, dtype, trans_b=True)
-        vndh += _dot(vn, dh, dtype, trans_b=True)
-        dvnh += _dot(dvn_ref[:, cols], h, dtype, trans_b=True)
-        ddecay += jnp.sum(h.astype(f32) * dh.astype(f32))
-    q, k = q_ref[...], k_ref[...]
-    dp = dp * _decay_mask(gam_ref[...].astype(f32), run_ref[...])
-    dpk = _dot(dp, k, dtype)  # [C, BK]
-    dpq = _dot(dp, q, dtype, trans_a=True)  # [C, BK]
-    q32, k32 = q.astype(f32), k.astype(f32)
-    dq_ref[...] = read_ref[...].astype(f32)[:, None] * doh + dpk
-    dk_ref[...] = dpq + write_ref[...].astype(f32)[:, None] * vndh
-    dw_ref[...] = (-dvnh).astype(dw_ref.dtype)
-    dgam_ref[...] = jnp.sum(q32 * dpk, axis=1) - jnp.sum(k32 * dpq, axis=1)
-    dread_ref[...] = jnp.sum(q32 * doh, axis=1)
-    dwrite_ref[...] = jnp.sum(k32 * vndh, axis=1)
-    ddecay_ref[...] = ddecay
-
-
-def _dot32(a, b, dtype, *, trans_a: bool = False, trans_b: bool = False):
-    """a @ b of fp32 operands (the inverse and its gradient): IEEE for fp32 inputs, tf32
-    (DEFAULT) for bf16 inputs, whose error is below the inputs' own."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-
-
-def _ut_prologue(k, beta, gam, runs, dtype):
-    """(Tm = (I + A)^-1, K K^T, the strict decay mask D) of one chunk; A = beta (K K^T) * D."""
-    c = k.shape[0]
-    rows, cols = jnp.arange(c)[:, None], jnp.arange(c)[None, :]
-    strict = (cols < rows) & (runs[:, None] == runs[None, :])
-    decay = jnp.where(strict, jnp.exp(jnp.where(strict, gam[:, None] - gam[None, :], 0.0)), 0.0)
-    kk = _dot(k, k, dtype, trans_b=True)  # [C, S]
-    a = beta[:, None] * kk * decay  # strictly lower
-    # Block doubling (see xla._invert_unit_lower): X_2b = X_b - X_b E_b X_b, log2(C) levels.
-    tm = (rows == cols).astype(jnp.float32)
-    b = 1
-    while b < c:
-        block = (rows // (2 * b) == cols // (2 * b)) & ((rows // b) % 2 == 1)
-        e = jnp.where(block & ((cols // b) % 2 == 0), a, 0.0)
-        tm = tm - _dot32(_dot32(tm, e, dtype), tm, dtype)
-        b *= 2
-    return tm, kk, decay
-
-
-def _ut_kernel(k_ref, v_ref, beta_ref, gam_ref, read_ref, run_ref, u_ref, w_ref, *, dtype):
-    """One chunk of one value head: U = Tm (beta V), W = Tm (beta read K), Tm = (I + A)^-1."""
-    k = k_ref[...]  # [C, E]
-    beta = beta_ref[...].astype(jnp.float32)  # [C]
-    tm, _, _ = _ut_prologue(k, beta, gam_ref[...].astype(jnp.float32), run_ref[...], dtype)
-    bv = beta[:, None] * v_ref[...].astype(jnp.float32)  # [C, H]
-    bk = (beta * read_ref[...].astype(jnp.float32))[:, None] * k.astype(jnp.float32)  # [C, E]
-    u_ref[...] = _dot(tm, bv, dtype).astype(u_ref.dtype)
-    w_ref[...] = _dot(tm, bk, dtype).astype(w_ref.dtype)
-
-
-def _ut_bwd_kernel(
-    k_ref, v_ref, beta_ref, gam_ref, read_ref, run_ref, du_ref, dw_ref,  # inputs
-    dk_ref, dv_ref, dbeta_ref, dgam_ref, dread_ref,  # outputs (dk per value head)
-    *, dtype,
-):  # fmt: skip
-    """Gradients of one chunk's UT transform, Tm recomputed:
-
-    dXv = Tm^T dU, dXk = Tm^T dW            (w.r.t. beta V and beta read K)
-    dA  = -Tm^T (dU (beta V)^T + dW (beta read K)^T) Tm^T
-    then through A = beta (K K^T) * D: dK += (dA beta D) K + (dA beta D)^T K; dgam from D.
-    """
-    f32 = jnp.float32
-    k = k_ref[...]  # [C, E]
-    k32, v32 = k.astype(f32), v_ref[...].astype(f32)
-    beta, gam, read = (r[...].astype(f32) for r in (beta_ref, gam_ref, read_ref))  # [C]
-    du, dw = du_ref[...].astype(f32), dw_ref[...].astype(f32)  # [C, H], [C, E]
-    tm, kk, decay = _ut_prologue(k, beta, gam, run_ref[...], dtype)
-    bv = beta[:, None] * v32
-    bk = (beta * read)[:, None] * k32
-    dxv = _dot(tm, du, dtype, trans_a=True)  # [C, H]
-    dxk = _dot(tm, dw, dtype, trans_a=True)  # [C, E]
-    dtm = _dot(du, bv, dtype, trans_b=True) + _dot(dw, bk, dtype, trans_b=True)  # [C, S]
-    da = -_dot32(_dot32(tm, dtm, dtype, trans_a=True), tm, dtype, trans_b=True)
-    dkk = da * beta[:, None] * decay  # [C, S]; zero off the strict mask, as D is
-    dk_ref[...] = (
-        _dot(dkk, k, dtype) + _dot(dkk, k, dtype, trans_a=True) + (beta * read)[:, None] * dxk
-    )
-    dv_ref[...] = beta[:, None] * dxv
-    p = dkk * kk  # dD * D: the gradient of the exponent gam_r - gam_s
-    dgam_ref[...] = jnp.sum(p, axis=1) - jnp.sum(p, axis=0)
-    k_dxk = jnp.sum(dxk * k32, axis=1)
-    dbeta_ref[...] = jnp.sum(da * kk * decay, axis=1) + jnp.sum(dxv * v32, axis=1) + read * k_dxk
-    dread_ref[...] = beta * k_dxk
 
 
 class _Dims(NamedTuple):
@@ -427,7 +213,7 @@ def _state_fwd(cfg: _Config, t: ChunkTerms, s0: jax.Array):
     io = jnp.dtype(cfg.operand_dtype)
     return _call(
         cfg,
-        functools.partial(_state_fwd_kernel, dtype=io),
+        functools.partial(state_fwd_kernel, dtype=io),
         (d.b, d.hk * d.grp, d.h // cfg.block_v),
         [sp["qk"], sp["uv"], sp["w"], sp["vec"], sp["scalar"], sp["state"]],
         [sp["h"], sp["uv"], sp["state"]],
@@ -466,15 +252,13 @@ def _out_fwd(cfg: _Config, t: ChunkTerms, h: jax.Array, vn: jax.Array) -> jax.Ar
     """Parallel over chunks: out [B, M, K, G, C, H]."""
     specs = ("qk", "qk", "h", "uv", "vec", "vec", "runs")
     args = (t.q, t.k, h, vn, t.gam, t.read, t.runs)
-    return _per_value_block(cfg, t, _out_kernel, "out_fwd", specs, *args)
+    return _per_value_block(cfg, t, out_kernel, "out_fwd", specs, *args)
 
 
 def _dv_local(cfg: _Config, t: ChunkTerms, do: jax.Array) -> jax.Array:
     """Parallel over chunks: dVl [B, M, K, G, C, H], the intra-chunk part of dVn."""
     specs = ("qk", "qk", "vec", "runs", "uv")
-    return _per_value_block(
-        cfg, t, _dv_local_kernel, "dv_local", specs, t.q, t.k, t.gam, t.runs, do
-    )
+    return _per_value_block(cfg, t, dv_local_kernel, "dv_local", specs, t.q, t.k, t.gam, t.runs, do)
 
 
 def _state_bwd(cfg: _Config, t: ChunkTerms, do: jax.Array, dvl: jax.Array, dsf: jax.Array):
@@ -484,7 +268,7 @@ def _state_bwd(cfg: _Config, t: ChunkTerms, do: jax.Array, dvl: jax.Array, dsf: 
     io = jnp.dtype(cfg.operand_dtype)
     return _call(
         cfg,
-        functools.partial(_state_bwd_kernel, dtype=io),
+        functools.partial(state_bwd_kernel, dtype=io),
         (d.b, d.hk * d.grp, d.h // cfg.block_v),
         [sp["qk"], sp["qk"], sp["w"], *[sp["vec"]] * 2, sp["scalar"], *[sp["uv"]] * 2, sp["state"]],
         [sp["h"], sp["uv"], sp["state"]],
@@ -518,7 +302,7 @@ def _dqkw(cfg: _Config, t: ChunkTerms, h, dh, vn, dvn, do):
     part_scalar = jax.ShapeDtypeStruct((nk, *t.decay.shape), f32)
     return _call(
         cfg,
-        functools.partial(_dqkw_kernel, dtype=jnp.dtype(cfg.operand_dtype), block_v=cfg.block_v),
+        functools.partial(dqkw_kernel, dtype=jnp.dtype(cfg.operand_dtype), block_v=cfg.block_v),
         (d.b, d.hk * d.grp, d.m, nk),
         [sp["qk"], sp["qk"], sp["h"], sp["h"], *[sp["uv"]] * 3, *[sp["vec"]] * 3, sp["runs"]],
         [sp["e"], sp["e"], sp["e"], *[sp["p_vec"]] * 3, sp["p_scalar"]],
@@ -613,7 +397,7 @@ def _ut_call(cfg: _Config, k, v, beta, gam, read, runs):
     sp = _ut_specs(k, v)
     return _call(
         cfg,
-        functools.partial(_ut_kernel, dtype=io),
+        functools.partial(ut_kernel, dtype=io),
         _ut_grid(k, v),
         [sp["k"], sp["v"], sp["vec"], sp["vec"], sp["vec"], sp["runs"]],
         [sp["v"], sp["e"]],
@@ -651,7 +435,7 @@ def _ut_bwd(cfg, residuals, cotangents):
     vec = jax.ShapeDtypeStruct(beta.shape, jnp.float32)
     dk, dv, dbeta, dgam, dread = _call(
         cfg,
-        functools.partial(_ut_bwd_kernel, dtype=io),
+        functools.partial(ut_bwd_kernel, dtype=io),
         _ut_grid(k, v),
         [sp["k"], sp["v"], sp["vec"], sp["vec"], sp["vec"], sp["runs"], sp["v"], sp["e"]],
         [sp["e"], sp["v"], sp["vec"], sp["vec"], sp["vec"]],
