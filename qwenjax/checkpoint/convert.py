@@ -365,12 +365,13 @@ def load(
     dtype: jnp.dtype | str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     rules: Any = None,
-    vision: bool = False,
+    vision: bool | None = False,
 ) -> Qwen35:
     """A model from a HF checkpoint directory or one of ours (told apart by `qwenjax.json`).
 
     `vision=True` loads a VLM checkpoint with its vision tower, as a `Qwen35VL`; by default the
-    text model is loaded and the vision tower's tensors are never read.
+    text model is loaded and the vision tower's tensors are never read; `vision=None` loads the
+    vision tower when the checkpoint has one.
 
     Parameters are read one at a time and placed as they arrive, so host memory peaks at the
     model's share on this host plus about one parameter. (A single orbax restore of the whole
@@ -399,6 +400,7 @@ def load(
         reader, config, entries = _open_hf(path, vision)
         off = Progress("load", 0, 0, enabled=False)
         leaves = ((e.path, _read_leaf(reader, e, target, off)) for e in entries)
+    vision = any(e.path[0] == "visual" for e in entries)  # None resolved by the table
     place = _placer(config, mesh, rules, vision)
     arrays = {p: place(p, leaf) for p, leaf in leaves}
     return _merge(config, target or arrays[("embed_tokens",)].dtype, arrays, vision)

@@ -466,6 +466,28 @@ def _as_rows(input_ids: Any) -> list[list[int]]:
     return rows
 
 
+def check_vision(model: Qwen35, ids: np.ndarray, vision: VisionInputs) -> None:
+    """Clear errors for vision inputs a jitted prefill could not check: the model has a vision
+    tower, the grids describe the pixel rows, and `ids [B, T]` hold the pad runs they expand."""
+    if not hasattr(model, "visual"):
+        raise ValueError(
+            "images or videos need a model with a vision tower: load(..., vision=True)"
+        )
+    config = model.config.vision
+    for name, pixels, grid in (
+        ("pixel_values", vision.pixel_values, vision.image_grid_thw),
+        ("pixel_values_videos", vision.pixel_values_videos, vision.video_grid_thw),
+    ):
+        if pixels is not None:
+            check_grid(grid, np.shape(pixels)[0], config.spatial_merge_size, name)
+            if np.shape(pixels)[1] != config.patch_dim:
+                raise ValueError(
+                    f"{name} rows have {np.shape(pixels)[1]} values; this vision tower "
+                    f"takes {config.patch_dim} (C·Tp·P·P)"
+                )
+    check_vision_tokens(ids, config, vision.image_grid_thw, vision.video_grid_thw)
+
+
 class Engine:
     """A model ready to generate: `Engine(model).decode(prompts, params, max_new_tokens)`.
 
@@ -548,7 +570,7 @@ class Engine:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
         if vision is not None:
-            self._check_vision(ids, vision)
+            check_vision(self.model, ids, vision)
         k = num_speculative_tokens
         opts = Options(
             max_new_tokens=max_new_tokens,
@@ -589,26 +611,6 @@ class Engine:
             return jnp.asarray(x)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         return jax.device_put(x, replicated)
-
-    def _check_vision(self, ids: np.ndarray, vision: VisionInputs) -> None:
-        """Clear errors for inputs the jitted prefill could not check."""
-        if not hasattr(self.model, "visual"):
-            raise ValueError(
-                "images or videos need a model with a vision tower: load(..., vision=True)"
-            )
-        merge = self.config.vision.spatial_merge_size
-        for name, pixels, grid in (
-            ("pixel_values", vision.pixel_values, vision.image_grid_thw),
-            ("pixel_values_videos", vision.pixel_values_videos, vision.video_grid_thw),
-        ):
-            if pixels is not None:
-                check_grid(grid, np.shape(pixels)[0], merge, name)
-                if np.shape(pixels)[1] != self.config.vision.patch_dim:
-                    raise ValueError(
-                        f"{name} rows have {np.shape(pixels)[1]} values; this vision tower "
-                        f"takes {self.config.vision.patch_dim} (C·Tp·P·P)"
-                    )
-        check_vision_tokens(ids, self.config.vision, vision.image_grid_thw, vision.video_grid_thw)
 
     def step(self, state: DecodeState, req: Requests, opts: Options, limit: int) -> DecodeState:
         """Run the decode loop until `limit` iterations in total (or all rows are done).

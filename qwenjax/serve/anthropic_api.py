@@ -10,7 +10,8 @@ converted to chat messages for the checkpoint's template, and the reply parser's
   is logged once per name.
 * What real clients add and this server does not use is tolerated with a log line: unknown
   top-level fields (`betas`, `metadata`, `container`, ...), `cache_control` on blocks, unknown
-  block types. Images and documents are a 400 (the model is text-only).
+  block types. `image` blocks in user messages with a base64 source are taken when the model has
+  a vision tower (`media`; a `url` source is a 400: nothing is fetched); documents are a 400.
 * No `thinking` field, or `{"type": "disabled"}`, renders the prompt with thinking off;
   `{"type": "enabled", "budget_tokens": N}` turns it on and caps it: after N reasoning tokens
   the request is continued with `</think>` appended, so the model has to answer (see
@@ -25,6 +26,7 @@ converted to chat messages for the checkpoint's template, and the reply parser's
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -34,6 +36,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from qwenjax.serve import media
 from qwenjax.serve import stream_parser as sp
 from qwenjax.serve.common import (
     SSE_HEADERS,
@@ -132,7 +135,8 @@ def _tool_result_text(block: Mapping[str, Any], where: str) -> str:
                 parts.append(_block_text(item, f"{where}.content[{i}]"))
             elif item["type"] in ("image", "document"):
                 raise invalid(
-                    f"'{where}.content[{i}]': {item['type']} is not supported (text-only model)",
+                    f"'{where}.content[{i}]': {item['type']} blocks in tool results are not "
+                    "supported",
                     where,
                 )
             else:
@@ -141,8 +145,8 @@ def _tool_result_text(block: Mapping[str, Any], where: str) -> str:
     return ("Error: " + text) if block.get("is_error") else text
 
 
-def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Anthropic system + messages → chat messages for the template."""
+def _messages(state: ServerState, body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Anthropic system + messages → chat messages for the template (images decoded)."""
     out: list[dict[str, Any]] = []
     system = body.get("system")
     if system is not None:
@@ -165,12 +169,15 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
                 f"'{where}.role' must be 'user' or 'assistant', got {json.dumps(role)}",
                 f"{where}.role",
             )
-        texts, thinking, calls = [], [], []
+        texts, thinking, calls, parts = [], [], [], []
         for j, block in enumerate(_blocks(m.get("content"), f"{where}.content")):
             bw = f"{where}.content[{j}]"
             kind = block["type"]
             if kind == "text":
                 texts.append(_block_text(block, bw))
+                parts.append({"type": "text", "text": texts[-1]})
+            elif kind == "image" and role == "user":
+                parts.append(media.anthropic_image_part(state, block, bw))
             elif kind == "tool_result" and role == "user":
                 out.append(
                     {
@@ -193,12 +200,17 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
             elif kind == "thinking" and role == "assistant":
                 if isinstance(block.get("thinking"), str):
                     thinking.append(block["thinking"])
-            elif kind in ("image", "document"):
-                raise invalid(f"'{bw}': {kind} blocks are not supported (text-only model)", bw)
+            elif kind == "image":
+                media.require_images(state, bw)
+                raise invalid(f"'{bw}': images are accepted in user messages only", bw)
+            elif kind == "document":
+                raise invalid(f"'{bw}': document blocks are not supported", bw)
             else:
                 log.info("/v1/messages: ignoring a %r block in a %s message", kind, role)
         if role == "user":
-            if texts:
+            if len(parts) > len(texts):  # images, in block order among the texts
+                out.append({"role": "user", "content": parts})
+            elif texts:
                 out.append({"role": "user", "content": "\n\n".join(texts)})
             continue
         message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
@@ -286,9 +298,9 @@ class _Prepared:
     budget: int | None
 
 
-def _prepare(state: ServerState, body: Mapping[str, Any]) -> _Prepared:
+async def _prepare(state: ServerState, body: Mapping[str, Any]) -> _Prepared:
     field(body, "model", str, required=True)
-    messages = _messages(body)
+    messages = _messages(state, body)
     tools = _tools(body.get("tools"))
     choice = _tool_choice(body.get("tool_choice"), tools)
     thinking, budget = _thinking(body)
@@ -299,7 +311,8 @@ def _prepare(state: ServerState, body: Mapping[str, Any]) -> _Prepared:
     template_kwargs = dict(field(body, "chat_template_kwargs", dict, {}))
     template_kwargs.pop("enable_thinking", None)
     preserve = template_kwargs.pop("preserve_thinking", None)
-    ids, gen_kwargs = prepare_chat(
+    ids, gen_kwargs = await asyncio.to_thread(
+        prepare_chat,
         state,
         messages,
         tools,
@@ -320,7 +333,7 @@ def _check_fields(state: ServerState, body: Mapping[str, Any]) -> None:
 
 async def count_tokens(request: Request, state: ServerState) -> Response:
     body = await read_body(request)
-    prepared = _prepare(state, body)
+    prepared = await _prepare(state, body)
     return JSONResponse({"input_tokens": len(prepared.prompt_ids)})
 
 
@@ -357,7 +370,7 @@ async def messages(request: Request, state: ServerState) -> Response:
         raise invalid(f"'temperature' must be in [0, 1], got {temperature}", "temperature")
     stop = field(body, "stop_sequences", list)
     stream = field(body, "stream", bool, False)
-    prepared = _prepare(state, body)
+    prepared = await _prepare(state, body)
     values = {
         "temperature": temperature,
         "top_p": body.get("top_p"),

@@ -207,6 +207,8 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
     from qwenjax.checkpoint import load
     from qwenjax.serve.scheduler import Scheduler
     from qwenjax.tokenizer import Tokenizer
+    from qwenjax.vision.model import Qwen35VL
+    from qwenjax.vision.processor import Processor
 
     # force: an import may already have configured the root logger at WARNING.
     logging.basicConfig(
@@ -228,8 +230,14 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
         tokenizer = Tokenizer.from_dir(args.tokenizer or checkpoint)
         defaults = checkpoint_defaults(checkpoint)
         print(f"loading {checkpoint} ...", file=sys.stderr, flush=True)
-        model = load(checkpoint, dtype=args.dtype, mesh=mesh, rules=rules)
+        # The vision tower when the checkpoint has one: requests may then hold images.
+        model = load(checkpoint, dtype=args.dtype, mesh=mesh, rules=rules, vision=None)
         source = checkpoint
+    processor = None
+    if isinstance(model, Qwen35VL):
+        processor = Processor.from_dir(source)  # its preprocessor_config.json, else Qwen3.6's
+        budget = processor.image.min_pixels, processor.image.max_pixels
+        log.info("images accepted (%d to %d pixels each, after resizing)", *budget)
     config = model.config
     max_length = min(args.max_length, config.max_position_embeddings)
     scheduler = Scheduler(
@@ -258,6 +266,7 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
         api_key=api_key,
         enable_test_hooks=args.enable_test_hooks,
         sampling_defaults=defaults,
+        processor=processor,
     )
     if api_key is None:
         _warn_no_key()

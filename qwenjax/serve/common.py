@@ -66,6 +66,8 @@ class ServerState:
     api_key: str | None = None
     enable_test_hooks: bool = False
     sampling_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # qwenjax.vision.processor.Processor when the model has a vision tower (images accepted)
+    processor: Any = None
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     metrics: Metrics = None  # type: ignore[assignment]
     grammars: Grammars = None  # type: ignore[assignment]
@@ -342,6 +344,7 @@ class Generation:
         grammar: The reply's content must match it (`response_format`); it starts after
             `</think>` when the reply starts in reasoning.
         forced: The test hook's scripted tokens.
+        vision: The prompt's images (`VisionInputs`), None for text.
     """
 
     def __init__(
@@ -359,6 +362,7 @@ class Generation:
         grammar: Grammar | None = None,
         forced: list[int] | None = None,
         skip_special_tokens: bool = True,
+        vision: Any = None,
     ):
         self.state = state
         self.prompt_ids = list(prompt_ids)
@@ -371,6 +375,7 @@ class Generation:
         self.thinking_budget = thinking_budget
         self.grammar = grammar
         self.forced = forced
+        self.vision = vision
         self._skip_special = skip_special_tokens
         self.decoder = self._decoder(self.prompt_ids)
         self.handle: Any = None
@@ -403,6 +408,8 @@ class Generation:
         kwargs: dict[str, Any] = {}
         if self.forced is not None:
             kwargs["forced_tokens"] = self.forced
+        if self.vision is not None:
+            kwargs["vision"] = self.vision
         end = self.state.tokenizer.token_to_id(THINK_CLOSE)
         if self.grammar is not None:  # from `</think>` on when the reply opens in reasoning
             start = end if self.parser.in_reasoning else None

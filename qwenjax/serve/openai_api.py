@@ -20,6 +20,9 @@ Choices this server makes where the API leaves room (see also SERVING.md):
   are accepted and logged; fields it does not define are a 400.
 * `max_tokens` larger than the room the context leaves is cut to it (finish reason "length").
 * `reasoning_effort` "none"/"minimal" turns thinking off (unless chat_template_kwargs says).
+* Images: `image_url` parts (Responses: `input_image`) in user messages, as base64 data: URLs
+  (`media`: nothing is fetched), when the model has a vision tower; the prompt's images go to the
+  scheduler with its ids. Video, audio and file parts are a 400.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from qwenjax.inference.text import opens_thinking
+from qwenjax.serve import media
 from qwenjax.serve import stream_parser as sp
 from qwenjax.serve.common import (
     SSE_HEADERS,
@@ -60,6 +64,7 @@ from qwenjax.serve.common import (
     wait_or_disconnect,
 )
 from qwenjax.serve.grammar import Grammar
+from qwenjax.vision.processor import extract_media
 
 # Sampling fields shared by every OpenAI route (OpenAI's plus vLLM's extras).
 _SAMPLING = {
@@ -216,8 +221,39 @@ def models(state: ServerState) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- chat input
-def _text_parts(content: Any, where: str, allowed: tuple[str, ...] = ("text",)) -> str | list:
-    """Message content: a string, or a list of text parts (other part types are a 400)."""
+_IMAGE_PARTS = ("image_url", "input_image")  # Chat Completions, Responses
+_NO_VIDEO = "video input is not supported: this server decodes no video files"
+_UNSUPPORTED_PARTS = {
+    "video_url": _NO_VIDEO,
+    "video": _NO_VIDEO,
+    "input_audio": "audio input is not supported",
+    "file": "file inputs are not supported",
+    "input_file": "file inputs are not supported",
+}
+
+
+def _image(state: ServerState, part: dict[str, Any], where: str, user: bool) -> dict[str, Any]:
+    """An `image_url` (`{"url": ...}`) or `input_image` (`image_url` a string) part."""
+    media.require_images(state, where)
+    if not user:
+        raise invalid(f"'{where}': images are accepted in user messages only", where)
+    url = part.get("image_url")
+    if url is None and part.get("file_id") is not None:  # Responses: an uploaded file
+        raise invalid(f"'{where}.file_id': files are not stored here; send image_url", where)
+    url = url.get("url") if isinstance(url, dict) else url  # `detail` is ignored
+    return media.image_part(state, url, f"{where}.image_url")
+
+
+def _text_parts(
+    content: Any,
+    where: str,
+    allowed: tuple[str, ...] = ("text",),
+    *,
+    state: ServerState | None = None,
+    user: bool = False,
+) -> str | list:
+    """Message content: a string, or a list of text parts; image parts (given `state`) become
+    the template's decoded image parts (`media`); other part types are a 400."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -225,13 +261,16 @@ def _text_parts(content: Any, where: str, allowed: tuple[str, ...] = ("text",)) 
     out = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in allowed or not isinstance(part.get("text"), str):
-            if kind in ("image_url", "input_image", "input_audio", "file", "input_file", "image"):
-                raise invalid(f"'{where}[{i}]': {kind} is not supported (text-only model)", where)
-            raise invalid(
-                f"'{where}[{i}]' must be a text part {{'type': {allowed[0]!r}, 'text': ...}}", where
-            )
-        out.append({"type": "text", "text": part["text"]})
+        pw = f"{where}[{i}]"
+        if kind in _IMAGE_PARTS and state is not None:
+            out.append(_image(state, part, pw, user))
+        elif kind not in allowed or not isinstance(part.get("text"), str):
+            if kind in _UNSUPPORTED_PARTS or kind in _IMAGE_PARTS:
+                reason = _UNSUPPORTED_PARTS.get(kind, "images are not accepted here")
+                raise invalid(f"'{pw}': {reason}", pw)
+            raise invalid(f"'{pw}' must be a text part {{'type': {allowed[0]!r}, 'text': ...}}", pw)
+        else:
+            out.append({"type": "text", "text": part["text"]})
     return out
 
 
@@ -247,9 +286,9 @@ def _arguments(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def chat_messages(raw: Any, param: str = "messages") -> list[dict[str, Any]]:
+def chat_messages(state: ServerState, raw: Any, param: str = "messages") -> list[dict[str, Any]]:
     """OpenAI chat messages → messages for the chat template (validated, developer → system,
-    leading system messages merged, tool-call arguments parsed)."""
+    leading system messages merged, tool-call arguments parsed, images decoded)."""
     if not isinstance(raw, list) or not raw:
         raise invalid(f"'{param}' must be a non-empty array of messages", param)
     out: list[dict[str, Any]] = []
@@ -268,7 +307,9 @@ def chat_messages(raw: Any, param: str = "messages") -> list[dict[str, Any]]:
         if content is None and role != "assistant":
             raise invalid(f"'{where}.content' is required for a {role} message", f"{where}.content")
         if content is not None:
-            message["content"] = _text_parts(content, f"{where}.content")
+            message["content"] = _text_parts(
+                content, f"{where}.content", state=state, user=role == "user"
+            )
         if role == "assistant":
             for name in ("reasoning_content", "reasoning"):
                 if isinstance(m.get(name), str) and "reasoning_content" not in message:
@@ -375,13 +416,15 @@ def prepare_chat(
     param: str = "messages",
     grammar: Grammar | None = None,
 ) -> tuple[list[int], dict[str, Any]]:
-    """Prompt ids and the `Generation` keyword arguments of a chat request."""
+    """Prompt ids and the `Generation` keyword arguments of a chat request (its images, decoded
+    by `media`, are preprocessed here and their pads expanded: call it off the event loop)."""
     forced_call = choice == "required" or isinstance(choice, dict)
     if grammar is not None and forced_call:
         raise invalid(
             "a JSON response_format cannot be combined with a required tool call (tool_choice)",
             "response_format",
         )
+    messages, images = extract_media(messages)
     text = render_chat(
         state,
         messages,
@@ -391,6 +434,13 @@ def prepare_chat(
         template_kwargs=template_kwargs,
         param=param,
     )
+    vision = None
+    if images:
+        try:
+            vision, timestamps = state.processor.load(images)
+            text = state.processor.expand(text, vision, timestamps)
+        except ValueError as e:  # e.g. image placeholders typed into the text
+            raise invalid(f"cannot prepare the images: {e}", param) from None
     prefill = ""
     if forced_call:
         # No grammar: start the reply with the call's tags, so the model has to write one.
@@ -409,6 +459,7 @@ def prepare_chat(
         "parse_tool_calls": bool(tools) and choice != "none" and grammar is None,
         "prefill_text": prefill,
         "grammar": grammar,
+        "vision": vision,
     }
     return ids, gen_kwargs
 
@@ -570,7 +621,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     known = _CHAT_FIELDS | (TEST_HOOK_FIELDS if state.enable_test_hooks else set())
     check_unknown(body, known, _CHAT_IGNORED, "/v1/chat/completions")
     _check_model(state, body)
-    messages = chat_messages(body.get("messages"))
+    messages = chat_messages(state, body.get("messages"))
     tools = chat_tools(body.get("tools"))
     choice = tool_choice(body.get("tool_choice"), tools)
     grammar = await _grammar(state, body.get("response_format"), "response_format", flat=False)
@@ -581,7 +632,8 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     if not 1 <= n <= MAX_N:
         raise invalid(f"'n' must be in [1, {MAX_N}], got {n}", "n")
     enable, preserve, template_kwargs = _template_flags(body)
-    prompt_ids, gen_kwargs = prepare_chat(
+    prompt_ids, gen_kwargs = await asyncio.to_thread(
+        prepare_chat,
         state,
         messages,
         tools,
@@ -893,7 +945,7 @@ async def completions(request: Request, state: ServerState) -> Response:
 
 
 # ---------------------------------------------------------------------------- responses
-def _responses_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _responses_messages(state: ServerState, body: Mapping[str, Any]) -> list[dict[str, Any]]:
     """`instructions` + `input` (a string or input items) → chat messages."""
     messages: list[dict[str, Any]] = []
     instructions = field(body, "instructions", str)
@@ -919,7 +971,11 @@ def _responses_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
                     f"{where}.role",
                 )
             content = _text_parts(
-                item.get("content"), f"{where}.content", ("input_text", "output_text", "text")
+                item.get("content"),
+                f"{where}.content",
+                ("input_text", "output_text", "text"),
+                state=state,
+                user=role == "user",
             )
             message = {"role": "system" if role == "developer" else role, "content": content}
             if role == "assistant" and reasoning is not None:
@@ -1203,12 +1259,13 @@ async def responses(request: Request, state: ServerState) -> Response:
         raise invalid("'background' responses are not supported", "background")
     text_options = field(body, "text", dict, {})
     grammar = await _grammar(state, text_options.get("format"), "text.format", flat=True)
-    messages = _responses_messages(body)
+    messages = _responses_messages(state, body)
     tools = chat_tools(body.get("tools"), flat=True)
     choice = tool_choice(body.get("tool_choice"), tools)
     stream = field(body, "stream", bool, False)
     enable, preserve, template_kwargs = _template_flags(body)
-    prompt_ids, gen_kwargs = prepare_chat(
+    prompt_ids, gen_kwargs = await asyncio.to_thread(
+        prepare_chat,
         state,
         messages,
         tools,

@@ -16,8 +16,15 @@ while any constrained request holds a slot, every step is a plain one-token step
 pauses: a draft would need the mask of tokens not yet sampled), and a constrained slot whose
 prefill samples its first token publishes it before the decode step samples the next.
 
+A request with images or videos (`VisionInputs`) runs the vision tower once, at its first
+prefill chunk, which also lays out the whole prompt's embeddings and mRoPE positions
+(`vision_prompt`); each chunk then takes its slice of them, so chunk boundaries may fall inside
+an image. The prompt's rope delta goes into the slot's cache row, so decoding (plain or MTP)
+continues at slot + delta; admission resets it to 0, the delta of text.
+
 Finished and cancelled requests free their slot at once. Shapes never depend on the requests
-(prefill chunks are bucketed to powers of two), so nothing recompiles while serving. A row's
+(prefill chunks are bucketed to powers of two, and so are a vision prompt's patches and width),
+so nothing recompiles while serving once each bucket has been seen. A row's
 computation does not depend on the other rows, so greedy output equals offline `generate`.
 """
 
@@ -50,11 +57,14 @@ from qwenjax.inference.engine import (
     _host,
     _sample,
     all_allowed,
+    check_vision,
     empty_state,
 )
 from qwenjax.inference.sampling import SamplingBatch, SamplingParams, top_logprobs
 from qwenjax.model import Qwen35
 from qwenjax.model.cache import Cache, DeltaNetCache, KVCache, init_cache
+from qwenjax.serve import vision_prompt
+from qwenjax.vision.model import VisionInputs
 
 MAX_STOP_IDS = 16  # stop token ids per request (EOS ids included)
 MAX_FORCED = 512  # length of the forced-token test hook
@@ -147,6 +157,8 @@ class _Slot:
     drafted: int = 0  # speculation totals already counted
     accepted: int = 0
     constraint: Constraint | None = None
+    vision: VisionInputs | None = None  # the prompt's images and videos, until prefilled
+    prepared: vision_prompt.PromptVision | None = None  # their tower output, during prefill
 
 
 # ------------------------------------------------------------------------------ device functions
@@ -160,32 +172,38 @@ def _put(x: jax.Array, row: jax.Array, slot: jax.Array, axis: int) -> jax.Array:
 
 def _cache_row(cache: Cache, slot) -> Cache:
     """The batch-1 cache of one slot (blocks are `[NB, B, ...]`, the rest `[B, ...]`)."""
+    take = lambda x: _take(x, slot, 0)
     return Cache(
         blocks=jax.tree.map(lambda x: _take(x, slot, 1), cache.blocks),
-        mtp=None if cache.mtp is None else jax.tree.map(lambda x: _take(x, slot, 0), cache.mtp),
-        length=_take(cache.length, slot, 0),
+        mtp=jax.tree.map(take, cache.mtp),
+        length=take(cache.length),
+        rope_delta=take(cache.rope_delta),
     )
 
 
 def _set_cache_row(cache: Cache, slot, row: Cache) -> Cache:
+    put = lambda x, r: _put(x, r, slot, 0)
     return Cache(
         blocks=jax.tree.map(lambda x, r: _put(x, r, slot, 1), cache.blocks, row.blocks),
-        mtp=None
-        if cache.mtp is None
-        else jax.tree.map(lambda x, r: _put(x, r, slot, 0), cache.mtp, row.mtp),
-        length=_put(cache.length, row.length, slot, 0),
+        mtp=jax.tree.map(put, cache.mtp, row.mtp),
+        length=put(cache.length, row.length),
+        rope_delta=put(cache.rope_delta, row.rope_delta),
     )
 
 
 def _empty_row(row: Cache) -> Cache:
-    """A slot's cache as if new: zero states and length (stale KV entries are never read)."""
+    """A slot's cache as if new: zero states, length and rope delta (stale KV entries are never
+    read)."""
     blocks = tuple(
         layer
         if isinstance(layer, KVCache)
         else DeltaNetCache(conv=jnp.zeros_like(layer.conv), state=jnp.zeros_like(layer.state))
         for layer in row.blocks
     )
-    return Cache(blocks=blocks, mtp=row.mtp, length=jnp.zeros_like(row.length))
+    zero = jnp.zeros_like
+    return Cache(
+        blocks=blocks, mtp=row.mtp, length=zero(row.length), rope_delta=zero(row.rope_delta)
+    )
 
 
 @functools.partial(jax.jit, donate_argnames=("s", "req"))
@@ -221,13 +239,36 @@ def _release(s: DecodeState, slot) -> DecodeState:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts", "last"), donate_argnames=("s",))
 def _prefill_chunk(
-    graphdef, params, s: DecodeState, req: Requests, slot, ids, num_valid, next_ids, *, opts, last
+    graphdef,
+    params,
+    s: DecodeState,
+    req: Requests,
+    slot,
+    ids,
+    num_valid,
+    next_ids,
+    vision: tuple[jax.Array, jax.Array, jax.Array] | None,
+    *,
+    opts,
+    last,
 ) -> DecodeState:
-    """Extend slot `slot` by `ids [1, C]` (first `num_valid` real); the last chunk samples."""
+    """Extend slot `slot` by `ids [1, C]` (first `num_valid` real); the last chunk samples.
+
+    `vision` (a prompt with images or videos): the chunk's input embeddings `[1, C, D]`, its
+    mRoPE positions `[3, 1, C]` and the prompt's rope delta `[1]`, which the row keeps for
+    decoding (`vision_prompt`); None: text, at the row's slots.
+    """
     model: Qwen35 = nnx.merge(graphdef, params)
     row = _cache_row(s.cache, slot)
     start = row.length
-    hidden, row, _ = model.extend(ids, row, num_valid[None])  # [1, C, D]
+    positions = None  # the MTP head's: the slots, unless multimodal
+    if vision is None:
+        hidden, row, _ = model.extend(ids, row, num_valid[None])  # [1, C, D]
+    else:
+        embeds, positions, delta = vision
+        ctx = model.cache_context(ids, start, num_valid[None], positions)
+        hidden, row, _ = model.extend_embedded(embeds, ctx, row)
+        row = dataclasses.replace(row, rope_delta=delta)
     at = (num_valid - 1)[None, None, None]
     spec = opts.num_speculative_tokens > 0
     if last:
@@ -256,7 +297,7 @@ def _prefill_chunk(
             t = jnp.arange(ids.shape[1])[None, :]
             next_ids = jnp.where(t == num_valid - 1, tok[:, None], next_ids)
     if spec:
-        m, mtp = model.mtp_extend(hidden, next_ids, row.mtp, start)
+        m, mtp = model.mtp_extend(hidden, next_ids, row.mtp, start, positions)
         row = dataclasses.replace(row, mtp=mtp)
         if last:
             drafter = jnp.take_along_axis(m, at, axis=1)[:, 0]
@@ -374,6 +415,8 @@ class Scheduler:
         @jax.jit
         def fresh():
             cache = init_cache(self.config, b, self.opts.max_length, self.model.dtype, mtp=spec)
+            # Every row's rope delta: 0 for text (positions = slots), set by a vision prefill.
+            cache = dataclasses.replace(cache, rope_delta=jnp.zeros((b,), jnp.int32))
             idle = jnp.zeros((b,), bool)
             return empty_state(
                 cache, width, MAX_TOP_LOGPROBS, v, d, self.model.dtype, self.pad_id, real=idle
@@ -430,8 +473,12 @@ class Scheduler:
         forced_tokens: Sequence[int] | None = None,
         reasoning_budget: tuple[int, int] | None = None,
         constraint: Constraint | None = None,
+        vision: VisionInputs | None = None,
     ) -> Handle:
         """Queue a request; returns its handle at once (events follow as tokens are made).
+
+        `vision`: the images and videos of the prompt's pad runs, as `chat_inputs` returns them
+        (the model must have a vision tower).
 
         `reasoning_budget=(end_token, n)`: if the reply has not produced `end_token` (`</think>`)
         within its first n tokens, that token is forced next (Anthropic's `budget_tokens`).
@@ -439,7 +486,8 @@ class Scheduler:
         `forced_tokens` is a test hook: output token i is `forced_tokens[i]`.
 
         Raises:
-          ValueError: an empty or too long prompt, ids outside the vocabulary, bad options.
+          ValueError: an empty or too long prompt, ids outside the vocabulary, bad options,
+            vision inputs that do not match the prompt or a model without a vision tower.
           QueueFull: `max_waiting` requests are already waiting.
         """
         prompt = [int(t) for t in prompt_ids]
@@ -459,6 +507,8 @@ class Scheduler:
             )
         if forced_tokens is not None and len(forced_tokens) > MAX_FORCED:
             raise ValueError(f"at most {MAX_FORCED} forced tokens")
+        if vision is not None:
+            check_vision(self.model, np.asarray([prompt]), vision)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -472,6 +522,7 @@ class Scheduler:
             forced=list(forced_tokens or []),
             budget=None if reasoning_budget is None else tuple(map(int, reasoning_budget)),
             constraint=constraint,
+            vision=vision,
         )
         with self._lock:
             if self._error is not None:
@@ -626,6 +677,19 @@ class Scheduler:
         nxt[0, : len(following)] = following
         last = hi == len(slot.prompt)
         with self._rules(one_row=True):
+            vision = None
+            if slot.vision is not None:
+                if slot.prepared is None:  # the first chunk: the tower runs once per prompt
+                    slot.prepared = vision_prompt.prepare(
+                        self.graphdef,
+                        self.params,
+                        self.config.vision,
+                        slot.prompt,
+                        slot.vision,
+                        chunk=self.prefill_chunk,
+                        pad_id=self.pad_id,
+                    )
+                vision = (*slot.prepared.window(lo, width), slot.prepared.delta)
             self._state = _prefill_chunk(
                 self.graphdef,
                 self.params,
@@ -635,10 +699,13 @@ class Scheduler:
                 jnp.asarray(ids),
                 jnp.int32(n),
                 jnp.asarray(nxt),
+                vision,
                 opts=self.opts,
                 last=last,
             )
         slot.prefilled = hi
+        if last:  # free the pixels and the prompt's embeddings
+            slot.vision = slot.prepared = None
 
     def _publish(self) -> None:
         cursor = np.zeros((self.slots,), np.int32)

@@ -28,12 +28,11 @@ import numpy as np
 from qwenjax.tokenizer import Tokenizer
 from qwenjax.train.loss import VISION_KEYS
 from qwenjax.vision.config import VisionConfig
+from qwenjax.vision.preprocess import pad_pixels
 from qwenjax.vision.processor import VISION_END, VISION_START, Media, Processor
 from qwenjax.vision.rope_index import get_rope_index_host
 
 log = logging.getLogger(__name__)
-
-GRIDS_BUCKET = 4  # grid rows per batch are padded to a multiple of this
 
 
 def expand_document(
@@ -125,22 +124,6 @@ def drop_long(doc: dict[str, np.ndarray], seq_len: int) -> list[dict[str, np.nda
     return []
 
 
-def _pad_pixels(
-    pixels: list[np.ndarray], grids: list[np.ndarray], bucket: int, merge: int, width: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated pixels padded to a multiple of `bucket` rows (at least one bucket), the pad
-    described by one extra grid `(1, merge, pad/merge)` (a dummy image whose tokens no pad
-    position takes), and the grids padded with zero rows to a multiple of GRIDS_BUCKET."""
-    pixel_values = np.concatenate(pixels) if pixels else np.zeros((0, width), np.float32)
-    grid = np.concatenate(grids) if grids else np.zeros((0, 3), np.int32)
-    n = len(pixel_values)
-    pad = max(-(-n // bucket), 1) * bucket - n
-    pixel_values = np.pad(pixel_values, ((0, pad), (0, 0)))
-    grid = np.concatenate([grid, [[1, merge, pad // merge]]]).astype(np.int32)
-    rows = -(-len(grid) // GRIDS_BUCKET) * GRIDS_BUCKET
-    return pixel_values, np.pad(grid, ((0, rows - len(grid)), (0, 0)))
-
-
 def collate_vision(
     rows: Sequence[dict], seq_len: int, batch_size: int, bucket: int, merge: int
 ) -> dict[str, np.ndarray]:
@@ -157,5 +140,5 @@ def collate_vision(
         if sum(map(len, pixels)):
             grids = [g for row in rows for g in row[grid_key]]
             width = pixels[0].shape[1]
-            out[pixels_key], out[grid_key] = _pad_pixels(pixels, grids, bucket, merge, width)
+            out[pixels_key], out[grid_key] = pad_pixels(pixels, grids, bucket, merge, width)
     return out

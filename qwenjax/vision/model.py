@@ -139,17 +139,33 @@ class Qwen35VL(Qwen35):
         video_grid_thw: jax.Array | None = None,
     ) -> jax.Array:
         """Token embeddings `[B, T, D]` with the vision tower's tokens at the pad positions."""
-        vision = self.config.vision
-        x = self.embed(input_ids)
-        inputs = (
-            ("image", vision.image_token_id, pixel_values, image_grid_thw),
-            ("video", vision.video_token_id, pixel_values_videos, video_grid_thw),
-        )
-        for what, token_id, pixels, grid in inputs:
+        tokens = []
+        for what, pixels, grid in (
+            ("image", pixel_values, image_grid_thw),
+            ("video", pixel_values_videos, video_grid_thw),
+        ):
             if (pixels is None) != (grid is None):
                 raise ValueError(f"pass both the {what} pixel values and their grid, or neither")
-            if pixels is not None:
-                x = scatter_tokens(x, input_ids == token_id, self.visual(pixels, grid), what)
+            tokens.append(None if pixels is None else self.visual(pixels, grid))
+        return self.embed_vision_tokens(input_ids, *tokens)
+
+    def embed_vision_tokens(
+        self,
+        input_ids: jax.Array,
+        image_tokens: jax.Array | None = None,
+        video_tokens: jax.Array | None = None,
+    ) -> jax.Array:
+        """Token embeddings `[B, T, D]` with the k-th image (video) pad, counted row after row,
+        replaced by row k of the tower's `image_tokens [M, D]` (`video_tokens`); rows past the
+        pads (a padded tower batch) are not read."""
+        vision = self.config.vision
+        x = self.embed(input_ids)
+        for what, token_id, tokens in (
+            ("image", vision.image_token_id, image_tokens),
+            ("video", vision.video_token_id, video_tokens),
+        ):
+            if tokens is not None:
+                x = scatter_tokens(x, input_ids == token_id, tokens, what)
         return ax.constrain(x, ax.HIDDEN)
 
     def hidden(

@@ -379,3 +379,24 @@ def _processor_kwargs(path_or_dict: str | os.PathLike | dict, filename: str) -> 
     keys += ("fps", "min_frames", "max_frames") if "video" in filename else ()
     out.update({k: raw[k] for k in keys if raw.get(k) is not None})
     return out
+
+
+GRIDS_BUCKET = 4  # grid rows are padded to a multiple of this
+
+
+def pad_pixels(
+    pixels: list[np.ndarray], grids: list[np.ndarray], bucket: int, merge: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patch rows for a jitted vision tower in shapes from few buckets (training batches, the
+    server's image prompts): the concatenated pixels padded to a multiple of `bucket` rows (at
+    least one bucket), the pad described by one extra grid `(1, merge, pad/merge)` (a dummy
+    image whose tokens no pad position takes), and the grids padded with zero rows to a
+    multiple of GRIDS_BUCKET."""
+    pixel_values = np.concatenate(pixels) if pixels else np.zeros((0, width), np.float32)
+    grid = np.concatenate(grids) if grids else np.zeros((0, 3), np.int32)
+    n = len(pixel_values)
+    pad = max(-(-n // bucket), 1) * bucket - n
+    pixel_values = np.pad(pixel_values, ((0, pad), (0, 0)))
+    grid = np.concatenate([grid, [[1, merge, pad // merge]]]).astype(np.int32)
+    rows = -(-len(grid) // GRIDS_BUCKET) * GRIDS_BUCKET
+    return pixel_values, np.pad(grid, ((0, rows - len(grid)), (0, 0)))

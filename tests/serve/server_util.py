@@ -4,6 +4,7 @@ via /health. `offline` is the reference the real server's greedy output is compa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +141,18 @@ def start_server(checkpoint: Path | None, log_path: Path, key: str, *args: str) 
         raise AssertionError("server did not start:\n" + log_path.read_text()[-3000:]) from None
     proc.base, proc.log_path = base, log_path
     return proc
+
+
+@contextlib.contextmanager
+def serving(checkpoint: Path, log_path: Path, key: str, *args: str) -> Iterator[subprocess.Popen]:
+    """`start_server` for the body of a `with` (a module fixture's); killed at its end."""
+    proc = start_server(checkpoint, log_path, key, *args)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def offline(model, tok, prompts: list[list[int]], budgets: list[int]) -> list[str]:

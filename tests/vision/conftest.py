@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 
+from qwenjax.vision.model import VisionInputs
 from tests.hf_models import TEXT_KW, randomize_, save_hf_checkpoint
 
 VISION_KW = dict(
@@ -70,6 +71,17 @@ class Prompt:
         return np.array(ids), np.array(mask), grid(self.images), grid(self.videos)
 
 
+def row(seed: int, build) -> tuple[list[int], VisionInputs | None]:
+    """One prompt and its own images / videos (random patches)."""
+    p = Prompt(seed)
+    ids = build(p)
+    images = np.array(p.images, np.int64) if p.images else None
+    videos = np.array(p.videos, np.int64) if p.videos else None
+    if images is None and videos is None:
+        return ids, None
+    return ids, VisionInputs(patches(images, seed), images, patches(videos, seed + 1), videos)
+
+
 def hf_logits(hf, ids, **inputs) -> np.ndarray:
     kinds = np.where(ids == IMAGE, 1, np.where(ids == VIDEO, 2, 0))
     inputs = {k: torch.from_numpy(v) for k, v in inputs.items() if v is not None}
@@ -110,18 +122,22 @@ def hf_vlm(tmp_path_factory):
 CHAT_PREPROCESSOR = {"size": {"shortest_edge": 1024, "longest_edge": 12_288}}
 
 
-@pytest.fixture(scope="session")
-def chat_vlm(tmp_path_factory):
+def write_chat_vlm(directory) -> str:
     """A VLM checkpoint directory that chats: the tiny byte-level tokenizer (whose vision ids
     are 265/266/268/269), a small pixel budget in preprocessor_config.json, a random model."""
     from qwenjax.testing.tiny_data import save_tiny_tokenizer
 
-    tokenizer = save_tiny_tokenizer(tmp_path_factory.mktemp("chat_vlm"))
+    tokenizer = save_tiny_tokenizer(directory)
     ids = {key: tokenizer_id(tokenizer, token) for key, token in CHAT_TOKENS.items()}
     save_hf_checkpoint(make_vlm(seed=5, token_ids=ids), tokenizer)
     for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
         (tokenizer / name).write_text(json.dumps(CHAT_PREPROCESSOR))
     return str(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def chat_vlm(tmp_path_factory):
+    return write_chat_vlm(tmp_path_factory.mktemp("chat_vlm"))
 
 
 CHAT_TOKENS = {

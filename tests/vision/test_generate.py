@@ -18,7 +18,7 @@ from qwenjax.inference.engine import Engine
 from qwenjax.inference.sampling import SamplingParams
 from qwenjax.vision.model import VisionInputs
 from tests.conftest import rel_err
-from tests.vision.conftest import IMAGE, VIDEO, Prompt, hf_logits, patches
+from tests.vision.conftest import IMAGE, VIDEO, hf_logits, row
 
 TOL = 1e-4
 NEW_TOKENS = 7
@@ -27,17 +27,6 @@ NEW_TOKENS = 7
 @pytest.fixture(scope="module")
 def model(hf_vlm):
     return load(hf_vlm[1], vision=True)
-
-
-def row(seed: int, build) -> tuple[list[int], VisionInputs | None]:
-    """One prompt and its own images / videos (random patches)."""
-    p = Prompt(seed)
-    ids = build(p)
-    images = np.array(p.images, np.int64) if p.images else None
-    videos = np.array(p.videos, np.int64) if p.videos else None
-    if images is None and videos is None:
-        return ids, None
-    return ids, VisionInputs(patches(images, seed), images, patches(videos, seed + 1), videos)
 
 
 ROWS = {

@@ -10,19 +10,48 @@ Backends:
            index, packed documents as a segment mask. Measured on an H100 at head dim 256 and
            GQA 24:4 at 0.92-0.99x torch's SDPA (benchmarks/results/); the XLA path runs out of
            memory there at 32K tokens.
-"auto" picks "cudnn" on GPU when the call allows it, else "chunked" once T * S reaches
-`CHUNKED_MIN_ELEMENTS` (8192 x 8192: 256 MiB of fp32 logits per head), else "xla".
+  "splash" JAX's splash attention (`splash.py`): Pallas Mosaic TPU flash kernels, forward and
+           backward, for the same calls as "cudnn" (causal self attention, positions in order,
+           packed documents as segment ids); T is padded to the block size. Interpreted off TPU.
+"auto" picks "cudnn" on GPU when the call allows it. Otherwise, when it allows "splash" and the
+head dim is a multiple of 128 (the TPU lane width; the 27B model's is 256), "splash" when
+lowered for TPU (`lax.platform_dependent`: chosen at lowering, so also when compiling ahead of
+time for a TPU topology on a CPU host) and the fallback below on other platforms. The fallback is
+"chunked" once T * S reaches `CHUNKED_MIN_ELEMENTS` (8192 x 8192: 256 MiB of fp32 logits per
+head), else "xla". Decoding over a KV cache (queries at later positions than 0..T-1) never
+allows the fused kernels. `auto_backend(name)` pins what "auto" means (a fused backend: for the
+calls that allow it), for tests and benchmarks.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
 
 import jax
 
 from qwenjax.kernels.attention.blockwise import attention_blockwise
 from qwenjax.kernels.attention.reference import attention_mask, attention_reference
+from qwenjax.kernels.attention.splash import BlockSizes, splash_attention
 
-BACKENDS = ("xla", "chunked", "cudnn")
+BACKENDS = ("xla", "chunked", "cudnn", "splash")
 CHUNKED_MIN_ELEMENTS = 8192 * 8192  # the reference holds T * S logits per head
+SPLASH_AUTO_HEAD_DIM = 128  # "auto" takes splash only for head dims that are multiples of this
+_override: list[str] = []
+
+
+@contextlib.contextmanager
+def auto_backend(name: str) -> Iterator[None]:
+    """Within the block (at trace time), backend="auto" means `name`: e.g. to run the model's
+    attention layers on the interpreted splash kernel in tests, or to pin one in a benchmark."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
+    _override.append(name)
+    try:
+        yield
+    finally:
+        _override.pop()
 
 
 def _cudnn(q, k, v, q_segment_ids, kv_segment_ids, scale):
@@ -32,6 +61,17 @@ def _cudnn(q, k, v, q_segment_ids, kv_segment_ids, scale):
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, scale=scale, is_causal=True, implementation="cudnn"
     )
+
+
+def _unfused(q, k, v, *, backend, q_positions, kv_positions, causal, scale, **segment_ids):
+    """The pure-JAX paths: "chunked" (also for "auto" above the threshold) or "xla"."""
+    positions = {"q_positions": q_positions, "kv_positions": kv_positions}
+    if backend == "chunked" or (
+        backend == "auto" and q.shape[1] * k.shape[1] >= CHUNKED_MIN_ELEMENTS
+    ):
+        return attention_blockwise(q, k, v, causal=causal, scale=scale, **positions, **segment_ids)
+    mask = attention_mask(**segment_ids, **positions, causal=causal)
+    return attention_reference(q, k, v, mask, scale)
 
 
 def attention(
@@ -47,6 +87,7 @@ def attention(
     scale: float | None = None,
     positions_in_order: bool = False,
     backend: str = "auto",
+    splash_block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
     """Grouped-query attention.
 
@@ -62,9 +103,14 @@ def attention(
         (self attention from scratch), so "causal" is causal by index; this lets "auto" use a
         fused kernel that takes no positions.
       backend: "auto" or one of `BACKENDS`.
+      splash_block_sizes: tile sizes for "splash" (`splash.default_block_sizes(T)` if None).
 
     Returns:
       `[B, T, N, H]` in the dtype of `v`.
+
+    Raises:
+      ValueError: on an unknown backend, inconsistent shapes, or a call the fused backends
+        ("cudnn", "splash") cannot take.
     """
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
@@ -77,23 +123,33 @@ def attention(
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fused_ok = positions_in_order and causal and q.shape[1] == k.shape[1]
-    if backend == "cudnn" and not fused_ok:
-        raise ValueError("the cudnn backend needs causal self attention with positions_in_order")
+    if backend == "auto" and _override and (fused_ok or _override[-1] in ("xla", "chunked")):
+        backend = _override[-1]  # a pinned fused backend where it can run, else plain "auto"
+    if backend in ("cudnn", "splash") and not fused_ok:
+        raise ValueError(
+            f"the {backend} backend needs causal self attention over keys at the queries' own "
+            f"positions 0..T-1 (causal=True, positions_in_order=True, T == S); got "
+            f"causal={causal}, positions_in_order={positions_in_order}, T={q.shape[1]}, "
+            f"S={k.shape[1]}. Decoding over a KV cache uses the xla or chunked backend"
+        )
+    segment_ids = {"q_segment_ids": q_segment_ids, "kv_segment_ids": kv_segment_ids}
+    splash = functools.partial(
+        splash_attention, scale=scale, block_sizes=splash_block_sizes, **segment_ids
+    )
+    unfused = functools.partial(
+        _unfused,
+        backend=backend,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+        causal=causal,
+        scale=scale,
+        **segment_ids,
+    )
     if backend == "cudnn" or (backend == "auto" and fused_ok and jax.default_backend() == "gpu"):
         return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, scale)
-    if backend == "chunked" or (
-        backend == "auto" and q.shape[1] * k.shape[1] >= CHUNKED_MIN_ELEMENTS
-    ):
-        return attention_blockwise(
-            q,
-            k,
-            v,
-            q_positions=q_positions,
-            kv_positions=kv_positions,
-            q_segment_ids=q_segment_ids,
-            kv_segment_ids=kv_segment_ids,
-            causal=causal,
-            scale=scale,
-        )
-    mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal)
-    return attention_reference(q, k, v, mask, scale)
+    if backend == "splash":
+        return splash(q, k, v)
+    if backend == "auto" and fused_ok and q.shape[-1] % SPLASH_AUTO_HEAD_DIM == 0:
+        mosaic = functools.partial(splash, interpret=False)
+        return jax.lax.platform_dependent(q, k, v, tpu=mosaic, default=unfused)
+    return unfused(q, k, v)
