@@ -4,8 +4,8 @@ The vision tower and the mRoPE walk need the whole prompt, while the scheduler p
 at a time. So at a vision request's first chunk, once:
 
     tower      the `VisionEncoder` over the prompt's images, then over its videos; the pixels are
-               padded to a power-of-two patch bucket with a dummy image (`train.vision_data`'s
-               padding), so the tower compiles once per bucket, not per image size
+               padded to a power-of-two patch bucket with a dummy image (`vision.preprocess`'s
+               `pad_pixels`), so the tower compiles once per bucket, not per image size
     embed      the prompt's embeddings with the tower's tokens at the pad positions, its 3-D
                positions `[3, 1, T]` and its rope delta (`get_rope_index`), on the ids padded to
                a power of two at least one prefill chunk wide (one compile per such length)

@@ -142,11 +142,11 @@ def test_greedy_matches_transformers_generate(text_model):
     """
     hf, _, model = text_model
     prompts = prompts_of([5, 23, 70], model.config.vocab_size, seed=21)
-    ours = generate(model, prompts, 24)
-    assert ours.shape == (3, 24) and ours.dtype == np.int32
-    assert ours[0].tolist() == hf_greedy(hf, prompts[0], 24)
-    assert ours[1].tolist() == hf_greedy(hf, prompts[1], 24)
-    assert ours[2].tolist() == hf_greedy_without_cache(hf, prompts[2], 24)
+    ours = generate(model, prompts, 16)
+    assert ours.shape == (3, 16) and ours.dtype == np.int32
+    assert ours[0].tolist() == hf_greedy(hf, prompts[0], 16)
+    assert ours[1].tolist() == hf_greedy(hf, prompts[1], 16)
+    assert ours[2].tolist() == hf_greedy_without_cache(hf, prompts[2], 16)
 
 
 def test_speculative_greedy_equals_plain_greedy(text_model):

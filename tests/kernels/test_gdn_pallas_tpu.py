@@ -11,12 +11,6 @@ at the 27B layer geometry.
 """
 
 import functools
-import importlib.util
-import json
-import os
-import platform
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -36,6 +30,7 @@ from tests.kernels.gdn_cases import (
     rel_err,
     segment_ids,
 )
+from tests.kernels.tpu_aot import compile_report, needs_libtpu
 from tests.oracles.gdn import gated_delta_rule_oracle
 
 # fp32 kernel gradients vs float64 autodiff: measured <= 3e-6 here, so 1e-5 (tighter than
@@ -150,26 +145,12 @@ _AOT_SCRIPT = textwrap.dedent(
     """
 )
 
-_LIBTPU = importlib.util.find_spec("libtpu") is not None
-_LINUX_X86 = sys.platform == "linux" and platform.machine() == "x86_64"
 
-
-@pytest.mark.skipif(
-    not _LIBTPU and not _LINUX_X86, reason="libtpu (jax[tpu]) only exists for Linux x86-64"
-)
+@needs_libtpu
 @pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2"])
 def test_compiles_for_tpu_topology_at_27b_geometry(topology: str):
     seq_lens = (4096, 32768)
-    # ALLOW_MULTIPLE_LIBTPU_LOAD: another process (e.g. `qwenjax plan`) may hold libtpu's
-    # lockfile; compiling for a described topology touches no TPU, so sharing is safe.
-    # XLA_FLAGS: conftest.py sets CPU test flags (optimisation level 0) that must not reach the
-    # TPU compiler.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-    cmd = [sys.executable, "-c", _AOT_SCRIPT, topology, *map(str, seq_lens)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr[-4000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
-    print(topology, json.dumps(report, indent=1))
+    report = compile_report(_AOT_SCRIPT, topology, *seq_lens)
     hk, hv, d = 16, 48, 128
     state_bytes = hv * d * d * 4
     for t in seq_lens:
