@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -15,14 +14,10 @@ import pytest
 
 from qwenjax.config import ModelConfig
 from qwenjax.plan import CHIPS
+from tests.tpu_aot import aot_env, needs_libtpu
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
-
-needs_libtpu = pytest.mark.skipif(
-    sys.platform != "linux" or platform.machine() != "x86_64",
-    reason="libtpu (jax[tpu]) only exists for Linux x86-64",
-)
 
 
 # Runs the plan and then records its exit code in a file, so that any pytest process (an xdist
@@ -56,16 +51,10 @@ class PlanRun:
             "data.seq_len=2048", "data.batch_size=8",
         ]  # fmt: skip
         # Other tests compile for TPU at the same time: libtpu must not lock them out.
-        env = {
-            **os.environ,
-            "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": "",
-            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
-        }
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _RECORD_EXIT, str(self.exit_code), *cmd],
-                env=env,
+                env=aot_env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # so `kill` reaches the plan under the wrapper

@@ -33,7 +33,7 @@ from qwenjax.model.rope import rope_tables
 from qwenjax.model.transformer import positions_from_segments
 from tests.conftest import rel_err
 from tests.kernels.test_attention import oracle
-from tests.kernels.tpu_aot import compile_report, needs_libtpu
+from tests.tpu_aot import compile_report, needs_libtpu
 
 B, N, K, H = 2, 6, 2, 48
 BLOCKS_128 = BlockSizes(*[128] * 8)

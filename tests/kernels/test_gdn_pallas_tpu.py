@@ -30,8 +30,8 @@ from tests.kernels.gdn_cases import (
     rel_err,
     segment_ids,
 )
-from tests.kernels.tpu_aot import compile_report, needs_libtpu
 from tests.oracles.gdn import gated_delta_rule_oracle
+from tests.tpu_aot import compile_report, needs_libtpu
 
 # fp32 kernel gradients vs float64 autodiff: measured <= 3e-6 here, so 1e-5 (tighter than
 # gdn_cases.GRAD_TOL, which bounds fp32 against fp32 across backends).

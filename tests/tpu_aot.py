@@ -1,4 +1,4 @@
-"""Ahead-of-time TPU compiles from this CPU host, for the kernel tests.
+"""Ahead-of-time TPU compiles from this CPU host (the kernel tests, `qwenjax plan`).
 
 A script runs in a fresh process with `JAX_PLATFORMS=cpu`: the TPU topology comes from libtpu
 (`jax.experimental.topologies`), and lowering for it makes `lax.platform_dependent` pick the
@@ -23,9 +23,19 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
+def aot_env() -> dict[str, str]:
+    """This process's environment for a child that compiles for a TPU topology."""
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "",
+        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    }
+
+
 def compile_report(script: str, *argv) -> dict:
     """Runs `script argv...` and returns the JSON object its last stdout line prints."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    env = aot_env()
     cmd = [sys.executable, "-c", script, *map(str, argv)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
