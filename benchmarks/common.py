@@ -61,12 +61,20 @@ def run_child(script: str, *argv: str, label: str) -> list[dict]:
 
 
 def write_results(
-    out_dir: str, name: str, stamp: str, rows: list[dict], *, meta: dict, table: str
+    out_dir: str,
+    name: str,
+    stamp: str,
+    rows: list[dict],
+    *,
+    meta: dict,
+    table: str,
+    device: str | None = None,
 ) -> str:
     """`{stamp}_{device}_{name}.jsonl` (meta line, then one row per line) and `.md` (the table)
-    under `out_dir`, named so that runs on other days and devices never overwrite each other."""
+    under `out_dir`, named so that runs on other days and devices never overwrite each other;
+    `device` defaults to this process's first device."""
     os.makedirs(out_dir, exist_ok=True)
-    device = jax.devices()[0].device_kind.lower().replace(" ", "_")
+    device = device or jax.devices()[0].device_kind.lower().replace(" ", "_")
     stem = os.path.join(out_dir, f"{stamp}_{device}_{name}")
     with open(stem + ".jsonl", "w") as f:
         f.write(json.dumps({"meta": meta}) + "\n")

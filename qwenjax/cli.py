@@ -92,6 +92,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests get on SIGTERM (default 30)")  # fmt: skip
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="images: resize each to at most this many pixels (default: the "
+                        "checkpoint's preprocessor_config.json)")  # fmt: skip
+    p.add_argument("--max-images", type=int, default=None,
+                   help="images per request at most, else a 400 (default: no limit but "
+                        "--max-length)")  # fmt: skip
     # Lets a request script its output (`qwenjax_forced_tokens`): for the tests only.
     p.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
 

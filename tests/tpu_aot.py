@@ -1,4 +1,4 @@
-"""Ahead-of-time TPU compiles from this CPU host (the kernel tests, `qwenjax plan`).
+"""Ahead-of-time TPU (and H100) compiles from this CPU host (the kernel tests, `qwenjax plan`).
 
 A script runs in a fresh process with `JAX_PLATFORMS=cpu`: the TPU topology comes from libtpu
 (`jax.experimental.topologies`), and lowering for it makes `lax.platform_dependent` pick the
@@ -20,6 +20,10 @@ import pytest
 needs_libtpu = pytest.mark.skipif(
     sys.platform != "linux" or platform.machine() != "x86_64",
     reason="libtpu (jax[tpu]) only exists for Linux x86-64",
+)
+needs_cuda_plugin = pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() != "x86_64",
+    reason="the CUDA plugin (jax[cuda12-local]) only exists for Linux x86-64",
 )
 
 

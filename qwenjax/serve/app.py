@@ -219,6 +219,9 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.speculative_tokens < 0:
         raise ValueError("--speculative-tokens must be >= 0")
+    for name in ("max_pixels", "max_images"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if getattr(args, "random_weights", None):
         model, tokenizer, source = _random_model(args, mesh, rules)
@@ -235,8 +238,13 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
         source = checkpoint
     processor = None
     if isinstance(model, Qwen35VL):
-        processor = Processor.from_dir(source)  # its preprocessor_config.json, else Qwen3.6's
+        # its preprocessor_config.json, else Qwen3.6's; --max-pixels lowers the budget
+        max_pixels = getattr(args, "max_pixels", None)
+        processor = Processor.from_dir(source, **({"max_pixels": max_pixels} if max_pixels else {}))
         budget = processor.image.min_pixels, processor.image.max_pixels
+        if budget[1] < budget[0]:
+            raise ValueError(f"--max-pixels {budget[1]} is below the processor's min_pixels "
+                             f"{budget[0]}")  # fmt: skip
         log.info("images accepted (%d to %d pixels each, after resizing)", *budget)
     config = model.config
     max_length = min(args.max_length, config.max_position_embeddings)
@@ -267,6 +275,7 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
         enable_test_hooks=args.enable_test_hooks,
         sampling_defaults=defaults,
         processor=processor,
+        max_images=getattr(args, "max_images", None),
     )
     if api_key is None:
         _warn_no_key()

@@ -68,6 +68,7 @@ class ServerState:
     sampling_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # qwenjax.vision.processor.Processor when the model has a vision tower (images accepted)
     processor: Any = None
+    max_images: int | None = None  # images per request at most (--max-images); None: any
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     metrics: Metrics = None  # type: ignore[assignment]
     grammars: Grammars = None  # type: ignore[assignment]

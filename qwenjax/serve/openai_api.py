@@ -435,6 +435,12 @@ def prepare_chat(
         param=param,
     )
     vision = None
+    if state.max_images is not None and len(images) > state.max_images:
+        raise invalid(
+            f"'{param}' holds {len(images)} images; this server takes at most "
+            f"{state.max_images} per request",
+            param,
+        )
     if images:
         try:
             vision, timestamps = state.processor.load(images)

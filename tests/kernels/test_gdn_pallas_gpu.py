@@ -5,10 +5,11 @@ interpreter, so this is the kernel code the GPU runs. Sizes and tolerances: see 
 segments start on a chunk edge (64, also an edge of 32-token chunks) and one token after it.
 test_gdn_pallas.py checks the VJP at the default launch options (one value and one key block);
 here it is checked with several of each.
-The lowering test traces the real Triton lowering for CUDA at the 27B layer geometry on this CPU
-(the Triton IR is produced by JAX; only its compilation to GPU code needs the device), which
-catches shapes and ops the Triton backend rejects. Speed is measured on a GPU by
-benchmarks/gated_delta_rule.py, which also repeats the fp32 checks there.
+The lowering test traces the real Triton lowering for CUDA at the 27B layer geometry on this CPU,
+which catches shapes and ops the Triton backend rejects; the compile test goes on to compile it
+for an H100 without one (`qwenjax.kernels.gpu_target`), which catches what only Triton's and
+XLA's GPU compilers see (shared memory over the limit, unsupported layouts). Speed is measured
+on a GPU by benchmarks/gated_delta_rule.py, which also repeats the fp32 checks there.
 """
 
 import functools
@@ -33,6 +34,7 @@ from tests.kernels.gdn_cases import (
     segment_ids,
 )
 from tests.oracles.gdn import gated_delta_rule_oracle
+from tests.tpu_aot import compile_report, needs_cuda_plugin
 
 
 @pytest.mark.parametrize(("seq_len", "block_v"), [(77, None), (130, 16)])
@@ -104,3 +106,39 @@ def test_lowers_to_triton_at_27b_geometry():
     launched = sorted(re.findall(r'name = "gated_delta_rule_(\w+)"', text))
     kernels = ["dqkw", "dv_local", "out_fwd", "state_bwd", "state_fwd", "ut", "ut_bwd"]
     assert launched == kernels, f"Triton kernels in the CUDA lowering: {launched}"
+
+
+COMPILE_FOR_H100 = """
+import json, re, sys
+import jax, jax.numpy as jnp
+from qwenjax.kernels.gated_delta_rule import gated_delta_rule
+from qwenjax.kernels.gpu_target import h100_compile_only
+
+sharding = jax.sharding.SingleDeviceSharding(h100_compile_only())
+b, t, hk, hv, d = 1, int(sys.argv[1]), 16, 48, 128
+bf16, f32 = jnp.bfloat16, jnp.float32
+shapes = [((b, t, hk, d), bf16)] * 2 + [((b, t, hv, d), bf16)] + [((b, t, hv), f32)] * 2
+args = [jax.ShapeDtypeStruct(s, dt, sharding=sharding) for s, dt in shapes]
+
+def loss(*a):
+    out, state = gated_delta_rule(*a, backend="pallas_gpu")
+    return out.astype(f32).sum() + state.sum()
+
+compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile()
+names = set(re.findall(r"gated_delta_rule_([a-z_]+)", compiled.as_text()))
+temp = compiled.memory_analysis().temp_size_in_bytes
+print(json.dumps({"kernels": sorted(names), "temp_bytes": temp}))
+"""
+
+
+@needs_cuda_plugin
+def test_compiles_for_h100_at_27b_geometry():
+    """fwd + bwd at the 27B layer, bf16, T 4096, default launch options, compiled for an H100
+    on this CPU (XLA deviceless: Triton compiles every kernel for sm_90a, and XLA checks each
+    launch's shared memory against the 227 KB a block may have — e.g. block_v 128 at 3 stages
+    fails here with "Shared memory size limit exceeded"). The temporaries stay O(T·d) plus
+    per-chunk states: under 1 GiB (measured 599 MiB)."""
+    report = compile_report(COMPILE_FOR_H100, 4096)
+    kernels = {"dqkw", "dv_local", "out_fwd", "state_bwd", "state_fwd", "ut", "ut_bwd"}
+    assert kernels <= set(report["kernels"]), report["kernels"]
+    assert report["temp_bytes"] < 2**30, report

@@ -3,12 +3,14 @@ tower found in the checkpoint, processor config beside it), driven with the offi
 `anthropic` SDKs, against offline `Engine.decode` on `chat_inputs` of the same conversation.
 
 The image is an odd-sized (70×123) random PNG sent inline (a base64 data: URL / an Anthropic
-base64 source) after the question; its 8 tokens take prompt slots 30-37, so the prefill chunks
-of 16 tokens split them. Greedy replies (their text and token count) must equal the offline ones
-on every route, streamed or not, and the prompt token count includes the image's tokens. Bad
-images are a 400 naming the field, after which the server still answers image requests; a
-text-only model refuses images (over a scheduler double: no model needed). MTP speculation with
-images is tested at the scheduler level (test_vision_scheduler.py).
+base64 source) after the question. The server runs with `--max-pixels 6144` (the checkpoint's
+budget would give the image 8 tokens, the cap 3, in prompt slots 30-32), so the prefill chunks
+of 16 tokens split them, and with `--max-images 2`. Greedy replies (their text and token count)
+must equal the offline ones on every route, streamed or not, and the prompt token count includes
+the image's tokens. Bad images (and one image too many) are a 400 naming the field, after which
+the server still answers image requests; a text-only model refuses images (over a scheduler
+double: no model needed). MTP speculation with images is tested at the scheduler level
+(test_vision_scheduler.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ KEY = "sk-vision"
 SDK = {"api_key": KEY, "max_retries": 0, "timeout": 300}
 MODEL = "tiny-vlm"
 QUESTION = "What is in the picture?"
+MAX_PIXELS, MAX_IMAGES = 6144, 2
 
 
 def png(height: int, width: int, seed: int) -> bytes:
@@ -86,16 +89,21 @@ def server(ckpt, tmp_path_factory):
     """Prefill chunks of 16 tokens; one process for the module."""
     log = tmp_path_factory.mktemp("vlm_serve_log") / "server.log"
     flags = "--slots", "2", "--max-length", "256", "--prefill-chunk", "16"
+    flags += "--max-pixels", str(MAX_PIXELS), "--max-images", str(MAX_IMAGES)
     with serving(ckpt, log, KEY, *flags) as proc:
         yield proc
 
 
 @pytest.fixture(scope="module")
 def expected(ckpt):
-    """(reply text, its token count, prompt tokens) of the image question, offline."""
+    """(reply text, its token count, prompt tokens) of the image question, offline, with the
+    server's pixel cap; the cap must change the prompt (3 image tokens instead of 8)."""
     tok = Tokenizer.from_dir(ckpt)
     messages = user(TEXT, image_url(URL))
-    prompt = chat_inputs(tok, messages, processor=Processor.from_dir(ckpt), enable_thinking=False)
+    capped = Processor.from_dir(ckpt, max_pixels=MAX_PIXELS)
+    prompt = chat_inputs(tok, messages, processor=capped, enable_thinking=False)
+    uncapped = chat_inputs(tok, messages, processor=Processor.from_dir(ckpt), enable_thinking=False)
+    assert len(uncapped[0]) - len(prompt[0]) == 8 - 3
     ((text, ids),) = oracle(Engine(load(ckpt, vision=True)), tok, [prompt])
     return text, len(ids), len(prompt[0])
 
@@ -215,6 +223,12 @@ BAD = [  # (route, body, param, a phrase of the message)
         {"messages": user(anthropic_image({**BASE64, "data": "AAAA"})), "max_tokens": 4},
         "messages[0].content[0].source.data",
         "not a decodable image",
+    ),
+    (
+        CHAT,
+        {"messages": user(TEXT, *[image_url(URL)] * (MAX_IMAGES + 1))},
+        "messages",
+        f"at most {MAX_IMAGES} per request",
     ),
 ]
 
