@@ -4,7 +4,8 @@ each Triton kernel will launch with: grid, threads, shared memory, registers and
     python -m benchmarks.gpu_compile                       # 27B layer, bf16, B=1, T=4096
     python -m benchmarks.gpu_compile --configs 64:8:2 --seq 4096 32768
 
-Needs this jaxlib's CUDA plugin (`jax[cuda12-local]`, in the test extra), ptxas (the
+Needs this jaxlib's CUDA plugin importable (`jax[cuda12-local]`, or the `.cuda-plugin/<jax
+version>` directory the tests install, on PYTHONPATH), ptxas for the register counts (the
 `nvidia-cuda-nvcc-cu12` wheel, or PATH), and no GPU.
 
 A script, not a test, and not a timing. XLA compiles deviceless for an H100 SXM

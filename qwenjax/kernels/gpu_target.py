@@ -1,13 +1,16 @@
 """Compile for an NVIDIA H100 on a host without a GPU (XLA deviceless ahead-of-time compilation).
 
-    device = h100_compile_only()          # needs jax[cuda12-local]: the CUDA plugin, no GPU
+    device = h100_compile_only()          # the CUDA plugin importable, no GPU
     spec = jax.ShapeDtypeStruct(shape, dtype, sharding=SingleDeviceSharding(device))
     jax.jit(fn).lower(spec).compile()     # Triton kernels to sm_90a code, XLA's launches
 
 Triton compiles every Pallas GPU kernel here, so a kernel that does not compile for sm_90, or
 asks for more shared memory than a block may have, fails on this CPU rather than on a lent GPU
 (`benchmarks/gpu_compile.py` adds ptxas's register and spill counts). Call it with
-`JAX_PLATFORMS=cpu`: the plugin then registers without probing for a device.
+`JAX_PLATFORMS=cpu`: the plugin then registers without probing for a device. The plugin is
+`jax[cuda12-local]` (no CUDA libraries); keep it out of an everyday environment, e.g.
+`pip install --no-deps --target DIR jax-cuda12-plugin==V jax-cuda12-pjrt==V` (V: this jax) and
+DIR on PYTHONPATH for the compile (tests/tpu_aot.py's `cuda_plugin_path` does so).
 """
 
 from __future__ import annotations
@@ -43,6 +46,6 @@ def h100_compile_only() -> jax.Device:
     except (NotImplementedError, RuntimeError) as e:
         raise RuntimeError(
             f"cannot compile for CUDA on this host ({e}); install this jaxlib's CUDA plugin: "
-            f'pip install "jax[cuda12-local]=={jax.__version__}"'
+            f'pip install "jax[cuda12-local]=={jax.__version__}" (or --target DIR, on PYTHONPATH)'
         ) from None
     return topology.devices[0]

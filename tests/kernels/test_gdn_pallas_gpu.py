@@ -34,7 +34,7 @@ from tests.kernels.gdn_cases import (
     segment_ids,
 )
 from tests.oracles.gdn import gated_delta_rule_oracle
-from tests.tpu_aot import compile_report, needs_cuda_plugin
+from tests.tpu_aot import compile_report, cuda_plugin_path, needs_cuda_plugin
 
 
 @pytest.mark.parametrize(("seq_len", "block_v"), [(77, None), (130, 16)])
@@ -138,7 +138,7 @@ def test_compiles_for_h100_at_27b_geometry():
     launch's shared memory against the 227 KB a block may have — e.g. block_v 128 at 3 stages
     fails here with "Shared memory size limit exceeded"). The temporaries stay O(T·d) plus
     per-chunk states: under 1 GiB (measured 599 MiB)."""
-    report = compile_report(COMPILE_FOR_H100, 4096)
+    report = compile_report(COMPILE_FOR_H100, 4096, pythonpath=cuda_plugin_path())
     kernels = {"dqkw", "dv_local", "out_fwd", "state_bwd", "state_fwd", "ut", "ut_bwd"}
     assert kernels <= set(report["kernels"]), report["kernels"]
     assert report["temp_bytes"] < 2**30, report
