@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/gpu_session.sh            # on the device machine, repository root
 #   STEPS="gdn decode" bash benchmarks/gpu_session.sh
+#   STEPS="generate serve" bash benchmarks/gpu_session.sh   # issue 7: 27B with random weights
+#   STEPS=serve SERVE_PRESET=tiny SERVE_REQUESTS=8 OUT=/tmp/x bash benchmarks/gpu_session.sh  # CPU dry run
 #
 # flash-linear-attention is a baseline, not a dependency: its pure-Python wheels are installed
 # from .whl/ (carried to the device) into a scratch directory when present.
@@ -15,15 +17,43 @@ mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   pip install --quiet --no-index --no-deps --target /tmp/fla_site .whl/*.whl && export PYTHONPATH=/tmp/fla_site:${PYTHONPATH:-}
 fi
+# The 27B shapes behind `qwenjax serve` with random bf16 weights (54 GB) and a tokenizer of any
+# vocabulary (the tiny one: prompts are token ids); 32 slots x 2048 tokens of KV cache (4 GiB)
+# and GDN state (4.6 GiB) fit an 80 GB H100 beside the weights. Needs starlette, uvicorn,
+# prometheus-client, llguidance and openai importable (carry wheels in .whl/ if the image lacks
+# them).
+serve_27b() {
+  local port=8321 log="$OUT/serve.log"
+  python -c "from qwenjax.testing.tiny_data import save_tiny_tokenizer as s; s('/tmp/qwenjax-tok')"
+  python -c "from qwenjax.cli import main; main()" serve --random-weights "${SERVE_PRESET:-qwen3.6-27b}" \
+    --tokenizer /tmp/qwenjax-tok --dtype bfloat16 --slots 32 --max-length 2048 --port $port \
+    >"$log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 120); do
+    curl -sf "localhost:$port/health" >/dev/null && break
+    kill -0 $pid 2>/dev/null || { echo "== serve died:"; tail -20 "$log"; return; }
+    sleep 2
+  done
+  echo "== serve: up after $SECONDS s of this session"
+  timeout 360 python benchmarks/serve_load.py --base-url "http://127.0.0.1:$port/v1" \
+    --concurrency 1 8 32 --requests "${SERVE_REQUESTS:-48}" --prompt-len 512 --max-tokens 128 \
+    --out "$OUT/$(date -u +%Y-%m-%dT%H%MZ)_serve_load_${SERVE_PRESET:-qwen3.6-27b}.jsonl" 2>&1 | tee "$OUT/serve_load.log"
+  kill -TERM $pid; wait $pid
+}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 for step in $STEPS; do
+  outflag=(--out "$OUT")
   case $step in
     gdn) cmd=(python -m benchmarks.gated_delta_rule --shapes 27b-32k --breakdown --configs 64:4:2,32:4:2,64:8:2) ; limit=300 ;;
     decode) cmd=(python -m benchmarks.decode_step) ; limit=90 ;;
     attention) cmd=(python -m benchmarks.attention) ; limit=150 ;;
+    generate) cmd=(python benchmarks/generate.py --model qwen3.6-27b --dtype bfloat16 --batch 1 32
+                   --prompt-len 512 --new-tokens 128 --speculative-tokens 0 2 --repeats 2)
+              outflag=(--out "$OUT/$(date -u +%Y-%m-%dT%H%MZ)_generate_27b.jsonl") ; limit=300 ;;
+    serve) serve_27b ; continue ;;
     *) echo "unknown step $step"; continue ;;
   esac
   echo "== $step: ${cmd[*]}"
-  timeout "$limit" "${cmd[@]}" --out "$OUT" 2>&1 | tee "$OUT/$step.log" | grep -v "^W0000\|^I0000"
+  timeout "$limit" "${cmd[@]}" "${outflag[@]}" 2>&1 | tee "$OUT/$step.log" | grep -v "^W0000\|^I0000"
   echo "== $step exit ${PIPESTATUS[0]}"
 done
