@@ -5,12 +5,14 @@
 
 A script, not a test. Times, in this process on this device: `jax.nn.dot_product_attention`
 with cuDNN ("cudnn") and with XLA ("xla"), JAX's Pallas Triton flash attention
-(`jax.experimental.pallas.ops.gpu.attention.mha`, KV heads repeated since it has no GQA), and
-qwenjax's own entry point (`qwenjax.kernels.attention`, backend "auto"); with `--torch` a child
-process first times torch's `scaled_dot_product_attention` (flash / cuDNN / efficient backends,
-whichever torch picks) on the same shapes. Medians of `--repeats` runs after warm-up. FLOPs are
-the causal count, 4 B N T^2 H / 2 forward and 3.5x that for fwd+bwd (FlashAttention's
-convention: backward 2.5x forward). Results go to `--out` as JSON lines and a markdown table.
+(`jax.experimental.pallas.ops.gpu.attention.mha`, KV heads repeated since it has no GQA, 64 x 64
+blocks), and qwenjax's own entry point (`qwenjax.kernels.attention`, backend "auto"; with packed
+documents also backend "pallas_gpu", the candidate to replace cuDNN's dense mask there); with
+`--torch` a child process first times torch's `scaled_dot_product_attention` (flash / cuDNN /
+efficient backends, whichever torch picks) on the same shapes. Medians of `--repeats` runs after
+warm-up. FLOPs are the causal count, 4 B N T^2 H / 2 forward and 3.5x that for fwd+bwd
+(FlashAttention's convention: backward 2.5x forward). Results go to `--out` as JSON lines and a
+markdown table.
 """
 
 from __future__ import annotations
@@ -51,9 +53,13 @@ def _impls(t: int) -> dict:
 
         rep = q.shape[2] // k.shape[2]
         k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-        return pallas_attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True)
+        # 64 x 64 blocks: the default 128-query blocks overflow shared memory at head dim 256
+        blocks = pallas_attention.BlockSizes(*[64] * 6)
+        return pallas_attention.mha(
+            q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True, block_sizes=blocks
+        )
 
-    def ours(q, k, v, packed=False):
+    def ours(q, k, v, packed=False, backend="auto"):
         pos = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
         seg = (pos >= q.shape[1] // 3).astype(jnp.int32) if packed else None
         return attention(
@@ -65,6 +71,7 @@ def _impls(t: int) -> dict:
             q_segment_ids=seg,
             kv_segment_ids=seg,
             positions_in_order=True,
+            backend=backend,
         )
 
     impls = {
@@ -73,6 +80,9 @@ def _impls(t: int) -> dict:
         "pallas_triton": pallas_triton,
         "qwenjax": ours,
         "qwenjax 2 documents": functools.partial(ours, packed=True),
+        "qwenjax 2 documents pallas_gpu": functools.partial(
+            ours, packed=True, backend="pallas_gpu"
+        ),
     }
     return impls
 
@@ -98,7 +108,8 @@ for b, t, n, kh, h in shapes:
 
 
 def check_on_device() -> dict:
-    """qwenjax's "auto" attention (cuDNN on GPU) vs the reference math, packed and not."""
+    """qwenjax's "auto" attention (cuDNN on GPU) vs the reference math, packed and not, and the
+    "pallas_gpu" backend on the packed case."""
     from qwenjax.kernels.attention.reference import attention_mask, attention_reference
 
     b, t, n, kh, h = 2, 1000, 24, 4, 256
@@ -108,7 +119,9 @@ def check_on_device() -> dict:
     v = jax.random.normal(keys[2], (b, t, kh, h), jnp.float32).astype(jnp.bfloat16)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     errors = {}
-    for label, seg in (("causal", None), ("packed", (pos >= jnp.array([[300], [701]])) * 1)):
+    packed = (pos >= jnp.array([[300], [701]])) * 1
+    cases = (("causal", None, "auto"), ("packed", packed, "auto"))
+    for label, seg, backend in (*cases, ("packed pallas_gpu", packed, "pallas_gpu")):
         got = attention(
             q,
             k,
@@ -118,6 +131,7 @@ def check_on_device() -> dict:
             q_segment_ids=seg,
             kv_segment_ids=seg,
             positions_in_order=True,
+            backend=backend,
         )
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
         want = attention_reference(*f32, attention_mask(seg, seg, pos, pos, True), h**-0.5)
@@ -145,7 +159,7 @@ def main() -> None:
     print(f"{device.device_kind}, jax {jax.__version__}, {stamp}", flush=True)
     base = run_torch(shapes, args.repeats) if args.torch else {}
     errors = check_on_device()
-    print("qwenjax attention (auto) vs fp32 reference, bf16 inputs, relative l2:", errors)
+    print("qwenjax attention vs fp32 reference, bf16 inputs, relative l2:", errors)
     assert max(errors.values()) < 2e-2, errors
     rows = []
     for shape in shapes:

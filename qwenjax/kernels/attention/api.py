@@ -13,6 +13,9 @@ Backends:
   "splash" JAX's splash attention (`splash.py`): Pallas Mosaic TPU flash kernels, forward and
            backward, for the same calls as "cudnn" (causal self attention, positions in order,
            packed documents as segment ids); T is padded to the block size. Interpreted off TPU.
+  "pallas_gpu" JAX's Pallas Triton flash attention (`pallas_gpu.py`) for the same calls, segment
+           ids compared in-kernel where cuDNN needs a dense mask; K/V repeated to the query
+           heads. Opt-in until timed (compiles for an H100, tested); interpreted off GPU.
 "auto" picks "cudnn" on GPU when the call allows it. Otherwise, when it allows "splash" and the
 head dim is a multiple of 128 (the TPU lane width; the 27B model's is 256), "splash" when
 lowered for TPU (`lax.platform_dependent`: chosen at lowering, so also when compiling ahead of
@@ -32,10 +35,12 @@ from collections.abc import Iterator
 import jax
 
 from qwenjax.kernels.attention.blockwise import attention_blockwise
+from qwenjax.kernels.attention.pallas_gpu import pallas_gpu_attention
 from qwenjax.kernels.attention.reference import attention_mask, attention_reference
 from qwenjax.kernels.attention.splash import BlockSizes, splash_attention
 
-BACKENDS = ("xla", "chunked", "cudnn", "splash")
+BACKENDS = ("xla", "chunked", "cudnn", "splash", "pallas_gpu")
+FUSED = ("cudnn", "splash", "pallas_gpu")  # causal self attention at positions 0..T-1 only
 CHUNKED_MIN_ELEMENTS = 8192 * 8192  # the reference holds T * S logits per head
 SPLASH_AUTO_HEAD_DIM = 128  # "auto" takes splash only for head dims that are multiples of this
 _override: list[str] = []
@@ -110,7 +115,7 @@ def attention(
 
     Raises:
       ValueError: on an unknown backend, inconsistent shapes, or a call the fused backends
-        ("cudnn", "splash") cannot take.
+        (`FUSED`) cannot take.
     """
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
@@ -125,7 +130,7 @@ def attention(
     fused_ok = positions_in_order and causal and q.shape[1] == k.shape[1]
     if backend == "auto" and _override and (fused_ok or _override[-1] in ("xla", "chunked")):
         backend = _override[-1]  # a pinned fused backend where it can run, else plain "auto"
-    if backend in ("cudnn", "splash") and not fused_ok:
+    if backend in FUSED and not fused_ok:
         raise ValueError(
             f"the {backend} backend needs causal self attention over keys at the queries' own "
             f"positions 0..T-1 (causal=True, positions_in_order=True, T == S); got "
@@ -149,6 +154,8 @@ def attention(
         return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, scale)
     if backend == "splash":
         return splash(q, k, v)
+    if backend == "pallas_gpu":  # self attention: the queries' ids are the keys'
+        return pallas_gpu_attention(q, k, v, scale=scale, segment_ids=q_segment_ids)
     if backend == "auto" and fused_ok and q.shape[-1] % SPLASH_AUTO_HEAD_DIM == 0:
         mosaic = functools.partial(splash, interpret=False)
         return jax.lax.platform_dependent(q, k, v, tpu=mosaic, default=unfused)
