@@ -275,6 +275,16 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, *, microbatched: bool)
     return NamedSharding(mesh, spec(names, rules))
 
 
+def batch_split(mesh: jax.sharding.Mesh | None, rules: Rules | None) -> int:
+    """Into how many shards `rules` split the batch axis on `mesh` (1 without a mesh): batch
+    sizes must be a multiple of it."""
+    if mesh is None:
+        return 1
+    axes = spec((BATCH,), rules)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def check_batch(shape: Sequence[int], sharding: NamedSharding) -> None:
     """Raise a clear error when the mesh does not divide a batch array of `shape`."""
     names = ("microbatches", "batch", "length")[-len(shape) :]

@@ -516,11 +516,7 @@ class Engine:
 
     def batch_multiple(self) -> int:
         """Batch sizes must be a multiple of this (the mesh axes the batch is split over)."""
-        if self.mesh is None:
-            return 1
-        axes = ax.spec((ax.BATCH,), self.rules)[0]
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        return int(np.prod([self.mesh.shape[a] for a in axes]))
+        return ax.batch_split(self.mesh, self.rules)
 
     def start(
         self,

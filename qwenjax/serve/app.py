@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from qwenjax import sharding
 from qwenjax.inference.sampling import checkpoint_defaults
 from qwenjax.serve import anthropic_api, openai_api
 from qwenjax.serve.common import ApiError, ServerState, log
@@ -219,6 +220,12 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.speculative_tokens < 0:
         raise ValueError("--speculative-tokens must be >= 0")
+    split = sharding.batch_split(mesh, rules)
+    if args.slots % split:  # before loading: the scheduler would refuse it after
+        raise ValueError(
+            f"--slots {args.slots} must be a multiple of {split}, the devices --mesh splits "
+            "the batch over (its data and fsdp axes)"
+        )
     for name in ("max_pixels", "max_images"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

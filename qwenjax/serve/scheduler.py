@@ -351,6 +351,12 @@ class Scheduler:
             )
         if num_speculative_tokens and model.mtp is None:
             raise ValueError("speculative decoding needs a model with an MTP head")
+        split = ax.batch_split(mesh, rules)
+        if slots % split:
+            raise ValueError(
+                f"slots ({slots}) must be a multiple of {split}: the mesh splits the batch over "
+                f"{split} devices (its data and fsdp axes under these rules)"
+            )
         if max_length > model.config.max_position_embeddings:
             raise ValueError(
                 f"max_length {max_length} exceeds the model's max_position_embeddings "

@@ -9,6 +9,7 @@ device, with MTP speculation on (the plain step is the same model call without t
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from qwenjax import sharding
 from qwenjax.api import build, build_sharded
@@ -47,3 +48,15 @@ def test_mesh_scheduler_equals_single_device_generate():
         assert scheduler.healthy
     finally:
         scheduler.stop()
+
+
+def test_serve_refuses_slots_the_mesh_cannot_split(tmp_path, capsys):
+    """`qwenjax serve --mesh fsdp=8 --slots 4`: exit 2 with a clear error before any checkpoint
+    is read (the path does not exist: that would be the error otherwise)."""
+    from qwenjax.cli import main
+
+    argv = ["serve", "--checkpoint", str(tmp_path / "unread"), "--mesh", "fsdp=8", "--slots", "4"]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "--slots 4 must be a multiple of 8" in capsys.readouterr().err

@@ -10,9 +10,12 @@ lengths in the same buckets compiles nothing new.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from qwenjax import sharding
 from qwenjax.checkpoint import load
 from qwenjax.inference.engine import Engine, _decode
 from qwenjax.inference.sampling import SamplingParams
@@ -123,3 +126,35 @@ def test_bad_vision_requests_are_refused(ckpt, model):
     text_only = Scheduler(load(ckpt), slots=1, max_length=64, prefill_chunk=CHUNK)
     with pytest.raises(ValueError, match="vision tower"):
         text_only.submit(ids, greedy, vision=vision)
+
+
+def test_vision_requests_on_a_mesh_equal_offline(ckpt, model):
+    """The same requests on 8 CPU devices as fsdp 8 (the tower's and the language model's
+    weights and the 8 slots sharded; MTP on; this VLM's odd head counts rule out a tensor axis):
+    every greedy output equals offline generation on one device. Slots that the batch split
+    does not divide are refused up front (they used to kill the engine at the first step)."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=8))
+    rules = sharding.RULES["fsdp"]
+    sharded = load(ckpt, mesh=mesh, rules=rules, vision=None)
+    tower = jax.tree.leaves(nnx.state(sharded.visual))
+    assert tower and all(len(x.sharding.device_set) == 8 for x in tower)
+    requests = [row(10 + i, build) for i, build in enumerate(FIRST.values())]
+    want = offline(model, requests)
+    with pytest.raises(ValueError, match=r"slots \(4\) must be a multiple of 8"):
+        Scheduler(sharded, slots=4, max_length=128, mesh=mesh, rules=rules)
+    scheduler = Scheduler(
+        sharded,
+        slots=8,
+        max_length=128,
+        prefill_chunk=CHUNK,
+        num_speculative_tokens=2,
+        mesh=mesh,
+        rules=rules,
+    )
+    scheduler.start()
+    try:
+        for name, tokens, expected in zip(FIRST, run(scheduler, requests), want, strict=True):
+            assert tokens == expected, name
+        assert scheduler.healthy
+    finally:
+        scheduler.stop()
