@@ -215,8 +215,9 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
-    for name in ("slots", "max_length", "prefill_chunk", "max_waiting"):
-        if getattr(args, name) < 1:
+    positive = ("slots", "max_length", "prefill_chunk", "max_waiting", "max_pixels", "max_images")
+    for name in positive:  # the last two may be unset (None)
+        if (value := getattr(args, name, None)) is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.speculative_tokens < 0:
         raise ValueError("--speculative-tokens must be >= 0")
@@ -226,9 +227,6 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
             f"--slots {args.slots} must be a multiple of {split}, the devices --mesh splits "
             "the batch over (its data and fsdp axes)"
         )
-    for name in ("max_pixels", "max_images"):
-        if getattr(args, name, None) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if getattr(args, "random_weights", None):
         model, tokenizer, source = _random_model(args, mesh, rules)

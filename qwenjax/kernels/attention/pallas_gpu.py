@@ -24,11 +24,11 @@ Letters: B batch, T tokens, N query heads, K kv heads, H head dim.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as triton_attention
+
+from qwenjax.kernels.platform import triton_or_interpreted
 
 BLOCK = 64
 
@@ -69,15 +69,4 @@ def pallas_gpu_attention(
             interpret=interpret,
         )
 
-    if interpret is None:
-        out = jax.lax.platform_dependent(
-            q,
-            k,
-            v,
-            segment_ids,
-            cuda=functools.partial(run, False),
-            default=functools.partial(run, True),
-        )
-    else:
-        out = run(interpret, q, k, v, segment_ids)
-    return out[:, :t]
+    return triton_or_interpreted(run, interpret, q, k, v, segment_ids)[:, :t]

@@ -85,6 +85,7 @@ from qwenjax.kernels.gated_delta_rule.xla import (
     initial_state_or_zeros,
     unchunk,
 )
+from qwenjax.kernels.platform import triton_or_interpreted
 
 
 class _Config(NamedTuple):
@@ -195,11 +196,7 @@ def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape, name, *arg
             name=name,
         )(*args)
 
-    if cfg.interpret is None:
-        return jax.lax.platform_dependent(
-            *args, cuda=functools.partial(run, False), default=functools.partial(run, True)
-        )
-    return run(cfg.interpret, *args)
+    return triton_or_interpreted(run, cfg.interpret, *args)
 
 
 def _like(x: jax.Array, dtype=None) -> jax.ShapeDtypeStruct:
