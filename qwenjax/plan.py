@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import time
 from typing import Any
@@ -31,6 +32,8 @@ from qwenjax.train.step import (
 )
 
 GiB = 2**30
+# libtpu: "... the total memory required for HLO temporaries (523.79G) exceeds available HBM"
+_HBM_EXHAUSTED = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory.*?temporaries \(([0-9.]+)G\)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,12 @@ def topology(name: str) -> tuple[Chip, str]:
     if chips not in chip.topologies:
         raise ValueError(f"{name}: known {kind} sizes are {sorted(chip.topologies)} chips")
     return chip, f"{kind}:{chip.topologies[chips]}"
+
+
+def temporaries_refused(message: str) -> int | None:
+    """Bytes of temporaries in libtpu's out-of-HBM compile error, or None for other errors."""
+    found = _HBM_EXHAUSTED.search(message)
+    return None if found is None else int(float(found.group(1)) * GiB)
 
 
 def _bytes_per_device(tree: Any) -> int:
@@ -116,15 +125,24 @@ def plan(cfg: RunConfig, topology_name: str, *, model_config: ModelConfig | None
         model, cfg.optim, mtp_weight=cfg.train.mtp_weight, ce_chunk=cfg.train.ce_chunk
     )
     started = time.perf_counter()
-    compiled = jit_train_step(step_fn, mesh, rules, shardings).jitted.lower(state, batch).compile()
+    lowered = jit_train_step(step_fn, mesh, rules, shardings).jitted.lower(state, batch)
+    try:
+        memory = lowered.compile().memory_analysis()
+        temporaries = memory.temp_size_in_bytes
+        total = (
+            memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes
+            + temporaries
+        )
+    except jax.errors.JaxRuntimeError as e:
+        # The TPU compiler refuses a program whose temporaries alone exceed HBM; that is the
+        # answer "does not fit", with its figure, not a crash.
+        temporaries = temporaries_refused(str(e))
+        if temporaries is None:
+            raise
+        total = temporaries + _bytes_per_device(state)
     compile_seconds = time.perf_counter() - started
-    memory = compiled.memory_analysis()
-    total = (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes
-        + memory.temp_size_in_bytes
-    )
     tokens = global_batch * cfg.data.seq_len
     # XLA's cost analysis counts a while-loop body once, so the scanned blocks would be counted
     # once instead of num_blocks times: FLOPs come from the model's own count instead.
@@ -137,7 +155,7 @@ def plan(cfg: RunConfig, topology_name: str, *, model_config: ModelConfig | None
         "hbm_per_chip": chip.hbm_bytes,
         "params_per_chip": _bytes_per_device(state.params) + _bytes_per_device(state.frozen),
         "optimizer_per_chip": _bytes_per_device(state.opt_state),
-        "temporaries_per_chip": memory.temp_size_in_bytes,
+        "temporaries_per_chip": temporaries,
         "total_per_chip": total,
         "fits": total <= chip.hbm_bytes,
         "tokens_per_step": tokens,

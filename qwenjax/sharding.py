@@ -57,14 +57,16 @@ MESH_AXES = (DATA, FSDP, SEQUENCE, TENSOR)
 Rules = Mapping[str, str | tuple[str, ...] | None]
 
 # ZeRO-3: each weight matrix is split along D over `fsdp` and all-gathered per layer; the batch
-# is split over every data-like axis. Tensor-parallel names stay unsharded.
+# is split over every data-like axis. Tensor-parallel names stay unsharded. The `sequence` axis
+# shards parameters too: its devices hold the same weights (they split tokens, not weights), so
+# at 262K tokens a v5p-32 of 16 sequence shards keeps 1/16 of the 27B's state per chip, not all.
 FSDP_RULES: Rules = {
     BATCH: (DATA, FSDP),
     LENGTH: SEQUENCE,
     ACT_EMBED: None,
     LAYERS: None,
     VOCAB: None,
-    EMBED: FSDP,
+    EMBED: (FSDP, SEQUENCE),
     MLP: None,
     Q_HEADS: None,
     KV_HEADS: None,
@@ -151,7 +153,7 @@ def _check_divisible(
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         size = math.prod(mesh.shape[a] for a in axes)
         if dim % size:
-            parts = "×".join(f"{a}={mesh.shape[a]}" for a in axes)
+            parts = "×".join(f"{a}={mesh.shape[a]}" for a in axes if mesh.shape[a] > 1)
             problems.append(f"{where}: {name}={dim} not divisible by {parts}")
     return problems
 

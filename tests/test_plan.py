@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qwenjax.config import ModelConfig
-from qwenjax.plan import CHIPS
+from qwenjax.plan import CHIPS, temporaries_refused
 from tests.tpu_aot import aot_env, needs_libtpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,3 +99,14 @@ def test_plan_27b_full_finetune_fits_v5p(plan_27b):
     # Temporaries are real (activations, gathered weights) but leave the rest of HBM free.
     assert 1 * GiB < report["temporaries_per_chip"] < report["hbm_per_chip"]
     assert "fits" in stdout and "per chip" in stdout
+
+
+def test_out_of_hbm_compile_error_is_the_answer_does_not_fit():
+    # libtpu's words when temporaries alone exceed HBM (seen from `qwenjax plan` at 262K tokens
+    # before the blockwise attention's residuals were fixed): plan reports, it does not crash.
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (523.79G) exceeds available HBM (95.74G)."
+    )
+    assert temporaries_refused(message) == int(523.79 * GiB)
+    assert temporaries_refused("INTERNAL: Mosaic failed to compile TPU kernel") is None

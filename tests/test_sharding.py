@@ -48,45 +48,46 @@ def specs(model, mesh, rules) -> dict[str, P]:
     }
 
 
+ZERO = ("fsdp", "sequence")  # parameters are split over both data-splitting axes
 GOLDEN = {
     # ZeRO-3 over 64 devices: D is split, everything else whole; layers never split.
     "fsdp": (
         dict(fsdp=64),
         {
-            "embed_tokens": P(None, "fsdp"),
-            "lm_head": P("fsdp", None),
-            "norm": P("fsdp"),
-            "in_proj_qkv": P(None, "fsdp", None),
+            "embed_tokens": P(None, ZERO),
+            "lm_head": P(ZERO, None),
+            "norm": P(ZERO),
+            "in_proj_qkv": P(None, ZERO, None),
             "conv1d": P(None, None, None),
             "A_log": P(None, None),
-            "out_proj": P(None, None, None, "fsdp"),
-            "q_proj": P(None, "fsdp", None, None),
-            "k_proj": P(None, "fsdp", None, None),
-            "o_proj": P(None, None, None, "fsdp"),
-            "down_proj": P(None, None, "fsdp"),
-            "q_proj_lora.a": P(None, "fsdp", None),
+            "out_proj": P(None, None, None, ZERO),
+            "q_proj": P(None, ZERO, None, None),
+            "k_proj": P(None, ZERO, None, None),
+            "o_proj": P(None, None, None, ZERO),
+            "down_proj": P(None, None, ZERO),
+            "q_proj_lora.a": P(None, ZERO, None),
             "q_proj_lora.b": P(None, None, None, None),
-            "mtp.fc": P(None, "fsdp"),
+            "mtp.fc": P(None, ZERO),
         },
     ),
     # FSDP 16 × tensor 4: heads, FFN width, GDN channels and vocab split over `tensor`.
     "fsdp_tp": (
         dict(fsdp=16, tensor=4),
         {
-            "embed_tokens": P("tensor", "fsdp"),
-            "lm_head": P("fsdp", "tensor"),
-            "norm": P("fsdp"),
-            "in_proj_qkv": P(None, "fsdp", "tensor"),
+            "embed_tokens": P("tensor", ZERO),
+            "lm_head": P(ZERO, "tensor"),
+            "norm": P(ZERO),
+            "in_proj_qkv": P(None, ZERO, "tensor"),
             "conv1d": P(None, None, "tensor"),
             "A_log": P(None, "tensor"),
-            "out_proj": P(None, "tensor", None, "fsdp"),
-            "q_proj": P(None, "fsdp", "tensor", None),
-            "k_proj": P(None, "fsdp", "tensor", None),
-            "o_proj": P(None, "tensor", None, "fsdp"),
-            "down_proj": P(None, "tensor", "fsdp"),
-            "q_proj_lora.a": P(None, "fsdp", None),
+            "out_proj": P(None, "tensor", None, ZERO),
+            "q_proj": P(None, ZERO, "tensor", None),
+            "k_proj": P(None, ZERO, "tensor", None),
+            "o_proj": P(None, "tensor", None, ZERO),
+            "down_proj": P(None, "tensor", ZERO),
+            "q_proj_lora.a": P(None, ZERO, None),
             "q_proj_lora.b": P(None, None, "tensor", None),
-            "mtp.fc": P(None, "fsdp"),
+            "mtp.fc": P(None, ZERO),
         },
     ),
 }
@@ -97,6 +98,15 @@ def test_27b_golden_partition_specs(model_27b, rules_name):
     mesh_sizes, golden = GOLDEN[rules_name]
     got = specs(model_27b, abstract_mesh(**mesh_sizes), ax.RULES[rules_name])
     assert {k: v.get_value().spec for k, v in got.items()} == golden
+
+
+def test_sequence_axis_shards_parameters_too(model_27b):
+    """Context parallelism splits tokens, not weights: on fsdp 2 x sequence 16 every parameter
+    split over D is in 32 parts, so a 262K-token run keeps 1/32 of the state per chip."""
+    mesh = abstract_mesh(fsdp=2, sequence=16)
+    got = specs(model_27b, mesh, ax.FSDP_RULES)
+    assert got["down_proj"].get_value().spec == P(None, None, ZERO)
+    assert got["down_proj"].get_value().shard_shape((16, 17408, 5120)) == (16, 17408, 160)
 
 
 def test_27b_divisibility_is_checked_for_every_parameter(model_27b):
@@ -135,7 +145,7 @@ def test_spec_rejects_unknown_names_and_reused_mesh_axes():
     assert ax.spec((ax.BATCH, ax.LENGTH, None), ax.FSDP_RULES) == want
     with pytest.raises(ValueError, match="'heads' has no rule"):
         ax.spec(("heads",), ax.FSDP_RULES)
-    with pytest.raises(ValueError, match=r"mesh axes \['fsdp'\] used twice"):
+    with pytest.raises(ValueError, match=r"mesh axes \['fsdp', 'sequence'\] used twice"):
         ax.spec((ax.EMBED, ax.EMBED), ax.FSDP_RULES)
 
 

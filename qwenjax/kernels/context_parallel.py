@@ -29,9 +29,11 @@ to XLA's partitioner, the conv's shifted slices of a time-sharded input make it 
 whole activation to channel sharding and back (two all-to-alls per layer).
 
 Attention. Keys, values and their positions / segment ids are all-gathered over the axis; the
-queries stay local. Memory per device is the full K/V plus [T / P, T] logits, and under the causal
-mask the last shard does the most work; a ring (or zig-zag) schedule would fix both and is not
-needed at the sizes measured so far.
+queries stay local. Memory per device is the full K/V plus, with "auto" at long context (T / P x T
+past 8192 x 8192), one key block of [T / P, block] logits at a time: the blockwise backend, whose
+FlashAttention backward keeps O(T / P) residuals and which skips key blocks after all of a
+shard's queries. Under the causal mask the last shard still does the most work; a zig-zag
+assignment of tokens to shards would even it out.
 """
 
 import jax

@@ -8,6 +8,8 @@ autodiff of the reference.
 """
 
 import functools
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -90,8 +92,10 @@ def test_backends_match_float64_oracle(backend: str, name: str):
         assert not np.any(np.asarray(out)[1, 70:])
 
 
-@pytest.mark.parametrize("name", ["packed", "frames"])
+@pytest.mark.parametrize("name", CASES)
 def test_blockwise_gradients_match_reference(name: str):
+    """The custom VJP (recomputed probabilities from the log-sum-exp) vs autodiff of the
+    reference; "decode" has a key block after every query (skipped), "orphan" rows see nothing."""
     x, kw = case(name, seed=7)
     cot = np.random.default_rng(8).standard_normal(x["q"].shape).astype(np.float32)
     blockwise = functools.partial(attention_blockwise, block=16, scale=H**-0.5, **kw)
@@ -105,6 +109,37 @@ def test_blockwise_gradients_match_reference(name: str):
     for got, want in zip(grads(blockwise), grads(reference), strict=True):
         err = np.max(np.abs(got - want)) / np.max(np.abs(want))
         assert err <= 1e-4, f"{name}: {err:.2e}"
+
+
+def test_blockwise_backward_holds_no_per_block_carries():
+    """The backward keeps O(T) residuals, also as the model runs it (remat'd layers in a scan):
+    nothing of size (key blocks) x T, which is what autodiff through the key scan stored (the
+    [T, N, H] accumulator per block) and what partial evaluation saved of the integer-only mask
+    work per block (hundreds of GiB at 262K tokens under context parallelism)."""
+    t = s = 256
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((B, t, N, H)).astype(np.float32)
+    k, v = (rng.standard_normal((B, s, K, H)).astype(np.float32) for _ in range(2))
+    pos = np.broadcast_to(np.arange(s), (B, s))
+    run = functools.partial(
+        attention_blockwise, q_positions=pos, kv_positions=pos, causal=True, scale=H**-0.5,
+        block=16,
+    )  # fmt: skip
+
+    def layers(q, k, v):  # two remat'd layers in a scan, like the model's blocks
+        @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+        def layer(x, _):
+            return run(x, k, v).reshape(x.shape) + x, None
+
+        return jax.lax.scan(layer, q, None, length=2)[0]
+
+    for fn in (run, layers):
+        loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v))
+        text = str(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, k, v))
+        shapes = re.findall(r"(?:f32|bool|i32)\[([0-9,]+)\]", text)
+        biggest = max(math.prod(int(d) for d in dims.split(",")) for dims in shapes)
+        # One block's logits [B, K, G, T, 16], or 2 layers' inputs: nothing per block x T.
+        assert biggest <= max(B * N * t * 16, 2 * B * t * N * H), (fn, biggest)
 
 
 def test_auto_uses_blockwise_for_long_sequences(monkeypatch):

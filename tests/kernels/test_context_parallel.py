@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from qwenjax.kernels.attention import attention
+from qwenjax.kernels.attention import attention, blockwise
 from qwenjax.kernels.causal_conv import causal_conv1d
 from qwenjax.kernels.context_parallel import (
     attention_context_parallel,
@@ -138,7 +138,10 @@ def test_gated_delta_rule_context_parallel_defaults(mesh):
     assert rel_err(state, want_state) < 1e-4
 
 
-def test_attention_context_parallel(mesh):
+@pytest.mark.parametrize("backend", ["auto", "chunked"])
+def test_attention_context_parallel(mesh, backend, monkeypatch):
+    """ "chunked" in 128-key blocks (3, the last padded): shard 0's queries skip two of them."""
+    monkeypatch.setattr(blockwise, "LOGITS_PER_BLOCK", 1)
     rng = np.random.default_rng(3)
     n, kv, h = 6, 2, 16
     q = rng.standard_normal((B, T, n, h)).astype(np.float32)
@@ -157,6 +160,7 @@ def test_attention_context_parallel(mesh):
             kv_positions=pos,
             q_segment_ids=seg,
             kv_segment_ids=seg,
+            backend=backend,
         )
 
     tokens = P(None, "sequence")

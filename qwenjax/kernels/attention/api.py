@@ -3,8 +3,10 @@
 Backends:
   "xla"    the reference math (materialised [B, T, S] mask and logits), jitted by XLA; runs
            everywhere and handles every mask (decode over a cache, packed documents).
-  "chunked" the same math over key blocks with an online softmax (`blockwise.py`): memory
-           O(T * block) instead of O(T * S); any mask.
+  "chunked" the same math over key blocks with an online softmax and FlashAttention's
+           backward (`blockwise.py`): memory O(T * block) instead of O(T * S), also in the
+           backward; fully masked key blocks skipped; any mask. Context parallelism's attention
+           at long context runs on it.
   "cudnn"  cuDNN's fused flash attention through `jax.nn.dot_product_attention`, for self
            attention whose positions are in order (training and prefill from scratch): causal by
            index, packed documents as a segment mask. Measured on an H100 at head dim 256 and
