@@ -11,9 +11,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from qwenjax import sharding as ax
 from qwenjax.config import FULL_ATTENTION
+from qwenjax.kernels.attention import auto_backend as attention_backend
 from qwenjax.model.transformer import REMAT_POLICIES
 from qwenjax.train.loss import target_counts
 from qwenjax.train.optim import OptimConfig
@@ -109,8 +111,10 @@ def test_same_loss_trajectory_on_8_devices(hybrid, single_device, name):
 @needs_8_devices
 def test_context_parallel_gives_the_same_loss_and_gradients():
     """Tokens split 4 ways (`sequence`=4): every GDN and attention layer runs its
-    context-parallel kernel, and loss and gradients are those of one device."""
-    model = random_model(SMALL, seed=5)
+    context-parallel kernel, and loss and gradients are those of one device. As at 262K tokens:
+    remat'd blocks, attention on the blockwise backend (FlashAttention backward), parameters
+    split over fsdp x sequence."""
+    model = random_model(SMALL, seed=5, remat="full")
     _, params, frozen = split_model(model)
     grad_fn = make_grad_fn(model, mtp_weight=0.1, ce_chunk=CHUNK)
     # Seed 11: row 1 has a document starting at token 20, exactly on a shard boundary.
@@ -129,10 +133,12 @@ def test_context_parallel_gives_the_same_loss_and_gradients():
     )
 
     def sharded(params, frozen, data):
-        with ax.use_rules(mesh, ax.FSDP_RULES):
+        with ax.use_rules(mesh, ax.FSDP_RULES), attention_backend("chunked"):
             return grad_fn(params, frozen, data)
 
     grads, metrics = jax.jit(sharded)(*placed)
+    embed = placed[0]["embed_tokens"].get_value()
+    assert embed.sharding.spec == P(None, ("fsdp", "sequence"))
     assert float(metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         assert rel_err(a, b) <= 1e-4
