@@ -59,7 +59,7 @@ Rules = Mapping[str, str | tuple[str, ...] | None]
 # ZeRO-3: each weight matrix is split along D over `fsdp` and all-gathered per layer; the batch
 # is split over every data-like axis. Tensor-parallel names stay unsharded. The `sequence` axis
 # shards parameters too: its devices hold the same weights (they split tokens, not weights), so
-# at 262K tokens a v5p-32 of 16 sequence shards keeps 1/16 of the 27B's state per chip, not all.
+# at 262K tokens a v5p-64 of 32 sequence shards keeps 1/32 of the 27B's state per chip, not all.
 FSDP_RULES: Rules = {
     BATCH: (DATA, FSDP),
     LENGTH: SEQUENCE,
@@ -130,14 +130,18 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
 
 
 # ---------------------------------------------------------------------- logical → mesh
+def _axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """A rule's or a PartitionSpec entry's mesh axes as a tuple (None → ())."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
     """The `PartitionSpec` of an array whose dims carry logical `names` (None = replicated)."""
     out, used = [], set()
     for name in names:
         if name is not None and name not in rules:
             raise ValueError(f"logical axis {name!r} has no rule (known: {sorted(rules)})")
-        axes = rules.get(name) if name is not None else None
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = _axes(rules.get(name) if name is not None else None)
         if used & set(axes):
             raise ValueError(f"mesh axes {sorted(used & set(axes))} used twice in {tuple(names)}")
         used |= set(axes)
@@ -149,8 +153,8 @@ def _check_divisible(
     shape: Sequence[int], pspec: PartitionSpec, mesh: Any, names: Sequence[Any], where: str
 ) -> list[str]:
     problems = []
-    for dim, name, axes in zip(shape, names, pspec, strict=False):
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    for dim, name, entry in zip(shape, names, pspec, strict=False):
+        axes = _axes(entry)
         size = math.prod(mesh.shape[a] for a in axes)
         if dim % size:
             parts = "×".join(f"{a}={mesh.shape[a]}" for a in axes if mesh.shape[a] > 1)
@@ -256,8 +260,7 @@ def context_axes() -> str | tuple[str, ...] | None:
     if active is None:
         return None
     mesh, rules = active
-    axes = rules.get(LENGTH)
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = _axes(rules.get(LENGTH))
     if math.prod(mesh.shape[a] for a in axes) == 1:
         return None
     return axes[0] if len(axes) == 1 else axes
@@ -282,8 +285,7 @@ def batch_split(mesh: jax.sharding.Mesh | None, rules: Rules | None) -> int:
     sizes must be a multiple of it."""
     if mesh is None:
         return 1
-    axes = spec((BATCH,), rules)[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = _axes(spec((BATCH,), rules)[0])
     return math.prod(mesh.shape[a] for a in axes)
 
 

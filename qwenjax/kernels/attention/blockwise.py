@@ -88,13 +88,14 @@ def _visible(queries, key_block, causal: bool) -> jax.Array:
     return visible
 
 
-def _acc(x: jax.Array) -> jnp.dtype:
+def _wide_dtype(x: jax.Array) -> jnp.dtype:
+    """fp32 for logits and accumulators, or fp64 for fp64 inputs."""
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
 def _logits(qg, kb, visible, scale):
     """[B, K, G, T, block] masked fp32 logits."""
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, kb, preferred_element_type=_acc(qg))
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, kb, preferred_element_type=_wide_dtype(qg))
     return jnp.where(visible[:, None, None], logits * scale, -jnp.inf)
 
 
@@ -107,7 +108,7 @@ def _forward(qg, kb, vb, queries, keys, causal, scale):
     """(out [B, T, K, G, H] in v's dtype, log-sum-exp [B, K, G, T] fp32, +inf for rows that see
     no key so that the backward's exp(s - L) is 0 there)."""
     b, t, kh, g, h = qg.shape
-    wide = _acc(qg)  # fp32, or fp64 for fp64 inputs
+    wide = _wide_dtype(qg)
     # Under `jax.checkpoint` in a scan (the model's remat'd layers), partial evaluation would
     # save what depends only on the integer positions / segment ids (the masks broadcast to the
     # logits' shape) for every key block of every layer instead of recomputing it: 500+ GiB at
@@ -154,7 +155,7 @@ def _flash_fwd(qg, kb, vb, queries, keys, causal, scale):
 
 def _flash_bwd(causal, scale, residuals, d_out):
     qg, kb, vb, queries, keys, out, lse = residuals
-    wide = _acc(qg)  # fp32, or fp64 for fp64 inputs
+    wide = _wide_dtype(qg)
     # D = rowsum(dO * O): the softmax Jacobian's correction term, [B, K, G, T].
     delta = jnp.einsum("btkgh,btkgh->bkgt", d_out.astype(wide), out.astype(wide))
     d_out_v = d_out.astype(vb.dtype)
