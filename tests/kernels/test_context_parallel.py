@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from qwenjax.kernels import context_parallel
 from qwenjax.kernels.attention import attention, blockwise
 from qwenjax.kernels.causal_conv import causal_conv1d
 from qwenjax.kernels.context_parallel import (
@@ -138,9 +139,12 @@ def test_gated_delta_rule_context_parallel_defaults(mesh):
     assert rel_err(state, want_state) < 1e-4
 
 
-@pytest.mark.parametrize("backend", ["auto", "chunked"])
-def test_attention_context_parallel(mesh, backend, monkeypatch):
-    """ "chunked" in 128-key blocks (3, the last padded): shard 0's queries skip two of them."""
+@pytest.mark.parametrize(
+    ("backend", "causal"), [("auto", True), ("chunked", True), ("auto", False)]
+)
+def test_attention_context_parallel(mesh, backend, causal, monkeypatch):
+    """ "chunked" in 128-key blocks (3, the last padded): early queries skip later blocks.
+    Causal runs zig-zag, with the odd 75-token shards cut 38 + 37."""
     monkeypatch.setattr(blockwise, "LOGITS_PER_BLOCK", 1)
     rng = np.random.default_rng(3)
     n, kv, h = 6, 2, 16
@@ -160,6 +164,7 @@ def test_attention_context_parallel(mesh, backend, monkeypatch):
             kv_positions=pos,
             q_segment_ids=seg,
             kv_segment_ids=seg,
+            causal=causal,
             backend=backend,
         )
 
@@ -170,7 +175,14 @@ def test_attention_context_parallel(mesh, backend, monkeypatch):
 
     def full(q, k, v, pos, seg):
         return attention(
-            q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg
+            q,
+            k,
+            v,
+            q_positions=pos,
+            kv_positions=pos,
+            q_segment_ids=seg,
+            kv_segment_ids=seg,
+            causal=causal,
         )
 
     assert rel_err(jax.jit(sharded)(q, k, v, pos, seg), full(q, k, v, pos, seg)) < 1e-4
@@ -180,6 +192,43 @@ def test_attention_context_parallel(mesh, backend, monkeypatch):
     want = jax.grad(lambda *a: jnp.sum(full(*a) * ct), (0, 1, 2))(q, k, v, pos, seg)
     for name, got, expected in zip("qkv", grads, want, strict=True):
         assert rel_err(got, expected) < 1e-3, name
+
+
+@pytest.mark.parametrize(("shards", "shard_len"), [(4, 75), (8, 16), (2, 9)])
+def test_attention_context_parallel_is_balanced(shards, shard_len, monkeypatch):
+    """Which device attends for which query: an `attention` spy answers every query with the
+    index of the device it ran on. Zig-zag, each device computes two half shards, d and
+    2P - 1 - d, and the causal work (keys before each of its queries) is the same on every
+    device up to the odd token; contiguous shards would give the last 2P - 1 times the first's."""
+    t = shards * shard_len
+
+    def spy(q, **kwargs):
+        return jnp.full(q.shape, jax.lax.axis_index("sequence"), jnp.int32)
+
+    monkeypatch.setattr(context_parallel, "attention", spy)
+    auto = (jax.sharding.AxisType.Auto,)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:shards]), ("sequence",), axis_types=auto)
+    pos = jnp.broadcast_to(jnp.arange(t), (1, t))
+    x = jnp.zeros((1, t, 1, 1))
+
+    def local(x, pos):
+        return attention_context_parallel(
+            x, x, x, axis_name="sequence", q_positions=pos, kv_positions=pos
+        )
+
+    tokens = P(None, "sequence")
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(tokens,) * 2, out_specs=tokens, check_vma=False
+    )
+    device = np.asarray(jax.jit(sharded)(x, pos))[0, :, 0, 0]  # [T] who computed each query
+
+    half = (shard_len + 1) // 2
+    starts = [j // 2 * shard_len + (j % 2) * half for j in range(2 * shards)]
+    for j, start in enumerate(starts):  # half shard j, on device j or 2P - 1 - j
+        end = starts[j + 1] if j + 1 < len(starts) else t
+        assert (device[start:end] == min(j, 2 * shards - 1 - j)).all(), j
+    work = np.bincount(device, weights=np.arange(1, t + 1), minlength=shards)
+    assert work.max() / work.min() < 1 + 2 / shard_len, work
 
 
 @pytest.mark.parametrize("with_segments", [True, False])
