@@ -61,9 +61,10 @@ class HybridBlock(nnx.Module):
         layers = [DecoderLayer(config, t, rngs=rngs, **kw) for t in config.block_pattern]
         self.layers = nnx.List(layers)
 
-    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
+    def __call__(self, x: jax.Array, ctx: Context, *, remat_layers: bool = False) -> jax.Array:
+        """`remat_layers`: checkpoint each layer on its own (the "layers" remat policy)."""
         for layer in self.layers:
-            x = layer(x, ctx)
+            x = _checkpointed(layer, x, ctx) if remat_layers else layer(x, ctx)
         return x
 
     def extend(self, x: jax.Array, ctx: Context, caches: tuple) -> tuple[jax.Array, tuple, tuple]:
@@ -73,3 +74,13 @@ class HybridBlock(nnx.Module):
             new.append(cache)
             pending.append(p)
         return x, tuple(new), tuple(pending)
+
+
+def _checkpointed(layer: DecoderLayer, x: jax.Array, ctx: Context) -> jax.Array:
+    """`layer(x, ctx)` keeping only its input for the backward pass."""
+    graphdef, state = nnx.split(layer)
+
+    def run(state, x):
+        return nnx.merge(graphdef, state)(x, ctx)
+
+    return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(state, x)

@@ -36,6 +36,10 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
     # keep matmul outputs in host memory (HBM-bound runs; costs PCIe/DMA bandwidth)
     "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    # "full", and inside the block's recompute each layer again keeps only its input, so the
+    # backward holds one layer's intermediates instead of the block's four, for one more
+    # forward pass (long context: the GDN layers' chunk states and UT tensors)
+    "layers": jax.checkpoint_policies.nothing_saveable,
 }
 
 
@@ -136,8 +140,10 @@ class Qwen35(nnx.Module):
     def run_blocks(self, x: jax.Array, ctx: Context) -> jax.Array:
         graphdef, state = nnx.split(self.blocks)
 
+        remat_layers = self.remat == "layers"
+
         def body(x, block_state):
-            x = nnx.merge(graphdef, block_state)(x, ctx)
+            x = nnx.merge(graphdef, block_state)(x, ctx, remat_layers=remat_layers)
             return ax.constrain(x, ax.HIDDEN), None
 
         if self.remat != "none":

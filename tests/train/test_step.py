@@ -156,8 +156,10 @@ def test_remat_policies_give_the_same_loss_and_gradients():
         results[policy] = jax.jit(grad_fn)(params, frozen, data)
         hidden = lambda m, b: m.hidden(b["input_ids"], b["positions"], b["segment_ids"])
         jaxpr = jax.make_jaxpr(hidden)(model, rows)
-        want_policies = [] if policy == "none" else [REMAT_POLICIES[policy]]
-        assert _checkpoint_policies(jaxpr.jaxpr) == want_policies  # the scanned block only
+        # The scanned block only; for "layers", also each of its layers inside it.
+        inner = len(config.block_pattern) if policy == "layers" else 0
+        want_policies = [] if policy == "none" else [REMAT_POLICIES[policy]] * (1 + inner)
+        assert _checkpoint_policies(jaxpr.jaxpr) == want_policies
     want_grads, want_metrics = results["none"]
     for policy, (grads, metrics) in results.items():
         assert float(metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-6)
