@@ -162,8 +162,31 @@ def plan(cfg: RunConfig, topology_name: str, *, model_config: ModelConfig | None
         "flops_per_step": flops,
         "step_seconds_at_peak": flops / (chip.peak_flops * len(devices)),
         "compile_seconds": compile_seconds,
+        "remat": cfg.model.remat,
+        "grad_accum": k,
+        "global_batch": global_batch,
     }
     return report
+
+
+def hints(r: dict) -> list[str]:
+    """What to change in the run config when the step does not fit, cheapest first."""
+    out = []
+    if r.get("remat") not in (None, "layers"):
+        out.append(
+            f"model.remat=layers (now {r['remat']}): checkpoints each layer inside the block, "
+            "one layer's intermediates live at a time for one more forward pass"
+        )
+    if r.get("grad_accum", 0) < r.get("global_batch", 0):
+        out.append(
+            f"train.grad_accum up to {r['global_batch']} (now {r['grad_accum']}): fewer sequences "
+            "per microbatch, the same step"
+        )
+    out.append(
+        "a larger --topology: parameters and optimizer state shard over fsdp x sequence, and "
+        "mesh.sequence splits every sequence's tokens"
+    )
+    return out
 
 
 def print_report(r: dict, out=sys.stdout) -> None:
@@ -180,3 +203,7 @@ def print_report(r: dict, out=sys.stdout) -> None:
     print(f"  ≥ {r['step_seconds_at_peak']:.2f} s/step at peak bf16 FLOP/s "
           f"(at 40% MFU: {r['step_seconds_at_peak'] / 0.4:.2f} s)", file=out)  # fmt: skip
     print(f"  compiled in {r['compile_seconds']:.0f} s", file=out)
+    if not r["fits"]:
+        print("to fit, try:", file=out)
+        for hint in hints(r):
+            print(f"  - {hint}", file=out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from qwenjax.config import ModelConfig
-from qwenjax.plan import CHIPS, temporaries_refused
+from qwenjax.plan import CHIPS, hints, print_report, temporaries_refused
 from tests.tpu_aot import aot_env, needs_libtpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,3 +111,25 @@ def test_out_of_hbm_compile_error_is_the_answer_does_not_fit():
     )
     assert temporaries_refused(message) == int(523.79 * GiB)
     assert temporaries_refused("INTERNAL: Mosaic failed to compile TPU kernel") is None
+
+
+def test_a_step_that_does_not_fit_gets_hints():
+    """The report of a run over HBM names the config keys that cut memory, with their values."""
+    report = {
+        "topology": "v5p:2x2x4", "chips": 16, "hosts": 4, "mesh": {"sequence": 16},
+        "hbm_per_chip": 95 * GiB, "params_per_chip": 6 * GiB, "optimizer_per_chip": 12 * GiB,
+        "temporaries_per_chip": 95 * GiB, "total_per_chip": 113 * GiB, "fits": False,
+        "tokens_per_step": 2**20, "flops_per_step": 3e17, "step_seconds_at_peak": 44.0,
+        "compile_seconds": 300.0, "remat": "full", "grad_accum": 2, "global_batch": 4,
+    }  # fmt: skip
+    out = io.StringIO()
+    print_report(report, out)
+    text = out.getvalue()
+    assert "DOES NOT FIT" in text and "to fit, try:" in text
+    assert "model.remat=layers (now full)" in text
+    assert "train.grad_accum up to 4 (now 2)" in text
+    tight = {**report, "remat": "layers", "grad_accum": 4}
+    assert [h.split()[0] for h in hints(tight)] == ["a"]  # only more chips is left
+    out = io.StringIO()
+    print_report({**report, "fits": True, "total_per_chip": 90 * GiB}, out)
+    assert "to fit" not in out.getvalue()
