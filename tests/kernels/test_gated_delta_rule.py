@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from qwenjax.kernels.gated_delta_rule import gated_delta_rule, gated_delta_step
-from qwenjax.kernels.gated_delta_rule.xla import _invert_unit_lower
+from qwenjax.kernels.gated_delta_rule.xla import _invert_unit_lower, _masked_exp
 from tests.oracles.gdn import gated_delta_rule_oracle
 
 B, HK, HV, DK, DV = 2, 2, 6, 24, 40
@@ -165,6 +165,41 @@ def test_chunk_inverse_gradient_is_the_inverse_s_own():
         assert rel_err(grads[0], grads[1]) <= 1e-12
         _, vjp = jax.vjp(doubling, a)
         assert sum(x.size for x in jax.tree.leaves(vjp)) == a.size
+
+
+def test_masked_exp_gradient_keeps_only_its_output():
+    """exp on a mask, 0 off it: gradient exp(x) dx on the mask and 0 off it, finite where x is
+    huge off the mask; the backward keeps the output alone (not the masks or the inner wheres)."""
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.standard_normal((3, 5, 7)), jnp.float32)
+    mask = jnp.asarray(rng.uniform(size=x.shape) < 0.6)
+    x = jnp.where(mask, x, 1e4)  # exp would overflow to inf off the mask
+    ct = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    y, vjp = jax.vjp(lambda x: _masked_exp(x, mask), x)
+    assert rel_err(y, np.where(mask, np.exp(np.where(mask, x, 0.0)), 0.0)) <= 1e-7
+    (dx,) = vjp(ct)
+    assert np.isfinite(dx).all()
+    assert rel_err(dx, np.where(mask, np.exp(np.where(mask, x, 0.0)) * ct, 0.0)) <= 1e-7
+    assert sum(r.size for r in jax.tree.leaves(vjp)) == x.size
+
+
+def test_chunked_backward_keeps_few_chunk_square_arrays():
+    """What the chunked VJP keeps, in units of one [C, C] array per chunk and value head (the
+    intra-chunk matrices): about 11 here (dk = dv = C / 2), with the inverse's and the decay
+    masks' own derivatives; autodiff of them kept 46."""
+    b, t, hk, hv, d, c = 1, 512, 2, 6, 32, 64
+    rng = np.random.default_rng(13)
+    q, k = (jnp.asarray(rng.standard_normal((b, t, hk, d)), jnp.float32) for _ in "qk")
+    v = jnp.asarray(rng.standard_normal((b, t, hv, d)), jnp.float32)
+    g = jnp.asarray(-rng.uniform(0.01, 0.5, (b, t, hv)), jnp.float32)
+    beta = jnp.asarray(rng.uniform(0.1, 0.9, (b, t, hv)), jnp.float32)
+
+    def out(q, k, v, g, beta):
+        return gated_delta_rule(q, k, v, g, beta, backend="chunked")[0]  # C = 64
+
+    _, vjp = jax.vjp(out, q, k, v, g, beta)
+    kept = sum(r.size for r in jax.tree.leaves(vjp)) / (b * (t // c) * hv * c * c)
+    assert kept <= 12, kept
 
 
 def test_bf16_inputs_stay_within_bf16_tolerance():

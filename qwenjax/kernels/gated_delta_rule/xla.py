@@ -42,13 +42,23 @@ def _einsum(spec: str, *operands: jax.Array, precision=_HIGHEST) -> jax.Array:
     return jnp.einsum(spec, *operands, precision=precision)
 
 
+@jax.custom_jvp
 def _masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
     """exp(x) where mask else 0, without evaluating exp of masked (possibly huge) entries.
 
-    The inner `where` keeps both the forward value and the gradient finite: exp(gam_r - gam_s)
-    above the diagonal overflows fp32 for strong decays.
+    The inner `where` keeps the value finite: exp(gam_r - gam_s) above the diagonal overflows
+    fp32 for strong decays. The derivative is y dx with y the output (0 off the mask), so the
+    backward keeps y alone: autodiff of the two wheres would keep both masks and three float
+    arrays of x's size (for the [C, S] decay masks, a chunk's largest residuals after the
+    inverse's).
     """
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
+
+@_masked_exp.defjvp
+def _masked_exp_jvp(primals, tangents):
+    y = _masked_exp(*primals)
+    return y, y * tangents[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -87,7 +97,8 @@ def _invert_fwd(a, precision):
 
 def _invert_bwd(precision, x, dx):
     # X = (I + A)^-1 gives dX = -X dA X, so A's cotangent is -X^T dX X^T, on A's support (the
-    # levels read every entry below the diagonal and nothing else).
+    # levels read every entry below the diagonal and nothing else). A custom_vjp rather than a
+    # custom_jvp: the linearised JVP would keep X three times over.
     da = -_einsum("...ji,...jk,...lk->...il", x, dx, x, precision=precision)
     return (jnp.where(jnp.tri(x.shape[-1], k=-1, dtype=bool), da, 0.0),)
 
