@@ -39,7 +39,7 @@ def build(
         matrix; training then updates only the adapters.
       lora_alpha: LoRA scale numerator (update = x A B · alpha / rank), default `lora_rank`.
       remat: what the backward pass keeps of each scanned block, a key of `REMAT_POLICIES`
-        ("none", "full", "dots", "offload").
+        ("none", "full", "dots", "offload", "layers").
       vision: build `Qwen35VL`, the text model plus the vision tower of `config.vision` (its
         text parameters get the same init as without).
     """

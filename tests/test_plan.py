@@ -127,7 +127,11 @@ def test_a_step_that_does_not_fit_gets_hints():
     text = out.getvalue()
     assert "DOES NOT FIT" in text and "to fit, try:" in text
     assert "model.remat=layers (now full)" in text
-    assert "train.grad_accum up to 4 (now 2)" in text
+    assert "train.grad_accum up to 4, a divisor of it (now 2)" in text
+    assert "model.remat=full" not in text
+    loose = hints({**report, "remat": "none"})
+    assert loose[0] == "model.remat=full (now none): keeps only each block's input"
+    assert loose[1].startswith("model.remat=layers (now none)")
     tight = {**report, "remat": "layers", "grad_accum": 4}
     assert [h.split()[0] for h in hints(tight)] == ["a"]  # only more chips is left
     out = io.StringIO()
