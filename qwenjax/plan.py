@@ -171,15 +171,15 @@ def plan(cfg: RunConfig, topology_name: str, *, model_config: ModelConfig | None
 
 def hints(r: dict) -> list[str]:
     """What to change in the run config when the step does not fit, cheapest first."""
-    out, remat = [], r.get("remat")
+    out, remat = [], r["remat"]
     if remat in ("none", "dots", "offload"):
         out.append(f"model.remat=full (now {remat}): keeps only each block's input")
-    if remat is not None and remat != "layers":
+    if remat != "layers":
         out.append(
             f"model.remat=layers (now {remat}): checkpoints each layer inside the block, "
             "one layer's intermediates live at a time for one more forward pass"
         )
-    if r.get("grad_accum", 0) < r.get("global_batch", 0):
+    if r["grad_accum"] < r["global_batch"]:
         out.append(
             f"train.grad_accum up to {r['global_batch']}, a divisor of it (now "
             f"{r['grad_accum']}): fewer sequences per microbatch, the same step"
