@@ -86,6 +86,7 @@ def plan(cfg: RunConfig, topology_name: str, *, model_config: ModelConfig | None
     """Compile `cfg`'s train step for `topology_name`; returns the report (bytes per chip)."""
     from jax.experimental import topologies  # needs jax[tpu] (libtpu)
 
+    cfg.kernels.check_platform("tpu")
     chip, topo = topology(topology_name)
     devices = topologies.get_topology_desc(topo, platform="tpu").devices
     mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -113,7 +114,7 @@ def plan(cfg: RunConfig, topology_name: str, *, model_config: ModelConfig | None
     )
     hosts = len({d.process_index for d in devices})
     k = cfg.train.grad_accum
-    global_batch = cfg.data.batch_size * hosts
+    global_batch = cfg.data.batch_size * sharding.data_shards(mesh, rules, process_index=0)[1]
     batch_sharding = sharding.batch_sharding(mesh, rules, microbatched=True)
     batch = {
         name: jax.ShapeDtypeStruct(
@@ -121,11 +122,13 @@ def plan(cfg: RunConfig, topology_name: str, *, model_config: ModelConfig | None
         )
         for name in ("input_ids", "segment_ids", "positions", "loss_mask")
     }
+    sharding.check_batch(batch["input_ids"].shape, batch_sharding)
     step_fn = make_train_step(
         model, cfg.optim, mtp_weight=cfg.train.mtp_weight, ce_chunk=cfg.train.ce_chunk
     )
     started = time.perf_counter()
-    lowered = jit_train_step(step_fn, mesh, rules, shardings).jitted.lower(state, batch)
+    with cfg.kernels.pinned():
+        lowered = jit_train_step(step_fn, mesh, rules, shardings).jitted.lower(state, batch)
     try:
         memory = lowered.compile().memory_analysis()
         temporaries = memory.temp_size_in_bytes
@@ -165,6 +168,8 @@ def plan(cfg: RunConfig, topology_name: str, *, model_config: ModelConfig | None
         "remat": cfg.model.remat,
         "grad_accum": k,
         "global_batch": global_batch,
+        "host_batch": cfg.data.batch_size,
+        "kernels": dataclasses.asdict(cfg.kernels),
     }
     return report
 
@@ -174,14 +179,21 @@ def hints(r: dict) -> list[str]:
     out, remat = [], r["remat"]
     if remat in ("none", "dots", "offload"):
         out.append(f"model.remat=full (now {remat}): keeps only each block's input")
+    gdn = r["kernels"]["gated_delta_rule"]
+    if gdn in ("auto", "chunked"):
+        out.append(
+            f"kernels.gated_delta_rule=pallas_tpu (now {gdn}): the Pallas kernel's backward "
+            "keeps the inputs and one state per chunk, not the pure-JAX path's chunk "
+            "intermediates (not yet timed on a TPU)"
+        )
     if remat != "layers":
         out.append(
             f"model.remat=layers (now {remat}): checkpoints each layer inside the block, "
             "one layer's intermediates live at a time for one more forward pass"
         )
-    if r["grad_accum"] < r["global_batch"]:
+    if r["grad_accum"] < r["host_batch"]:
         out.append(
-            f"train.grad_accum up to {r['global_batch']}, a divisor of it (now "
+            f"train.grad_accum up to data.batch_size {r['host_batch']}, a divisor of it (now "
             f"{r['grad_accum']}): fewer sequences per microbatch, the same step"
         )
     out.append(
@@ -195,6 +207,9 @@ def print_report(r: dict, out=sys.stdout) -> None:
     gib = lambda b: f"{b / GiB:8.2f} GiB"
     where = f"{r['chips']} chips on {r['hosts']} hosts"
     print(f"topology {r['topology']}: {where}, mesh {r['mesh']}", file=out)
+    kernels = r["kernels"]
+    print(f"  kernels: gated delta rule {kernels['gated_delta_rule']}, "
+          f"attention {kernels['attention']}", file=out)  # fmt: skip
     print(f"  parameters        {gib(r['params_per_chip'])} per chip", file=out)
     print(f"  optimizer state   {gib(r['optimizer_per_chip'])} per chip", file=out)
     print(f"  activations/temps {gib(r['temporaries_per_chip'])} per chip", file=out)

@@ -45,7 +45,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise RunConfigError(f"{where}: {e}") from e
+        raise RunConfigError(f"{where}{'' if where.endswith(':') else ':'} {e}") from e
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:

@@ -289,6 +289,42 @@ def batch_split(mesh: jax.sharding.Mesh | None, rules: Rules | None) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+def data_shards(
+    mesh: jax.sharding.Mesh, rules: Rules, process_index: int | None = None
+) -> tuple[int, int]:
+    """(this process's data shard, number of data shards) for the batch layout of `rules`.
+
+    Each process feeds the batch rows its devices hold. Processes whose devices hold the same
+    rows (they split those rows' tokens over a sequence axis, or replicate them over a tensor
+    axis) must read the same records; the others disjoint ones. So records are split this
+    many ways, not one way per process: with the token axis over every chip, as at 262K
+    context, all hosts read the same rows and there is one shard.
+
+    A process's shards need not be neighbours (`make_mesh` orders devices for the chips'
+    links, which interleaves hosts): `jax.make_array_from_process_local_data` maps its rows to
+    them in order.
+
+    Raises:
+      ValueError: when two processes hold some but not all of the same batch shards (no
+        per-process data pipeline can feed such a layout).
+    """
+    n = batch_split(mesh, rules)
+    rows = NamedSharding(mesh, PartitionSpec(spec((BATCH,), rules)[0]))
+    held: dict[int, set[int]] = {}
+    for device, index in rows.devices_indices_map((n,)).items():
+        held.setdefault(device.process_index, set()).update(range(*index[0].indices(n)))
+    groups = sorted({frozenset(r) for r in held.values()}, key=min)
+    if sum(len(g) for g in groups) != n or len({len(g) for g in groups}) != 1:
+        layout = {p: sorted(r) for p, r in sorted(held.items())}
+        raise ValueError(
+            f"the mesh {dict(mesh.shape)} gives processes partly shared batch shards "
+            f"(process: shards {layout}); order its devices so that processes holding any "
+            "of the same batch rows hold all of the same rows"
+        )
+    p = jax.process_index() if process_index is None else process_index
+    return groups.index(frozenset(held[p])), len(groups)
+
+
 def check_batch(shape: Sequence[int], sharding: NamedSharding) -> None:
     """Raise a clear error when the mesh does not divide a batch array of `shape`."""
     names = ("microbatches", "batch", "length")[-len(shape) :]

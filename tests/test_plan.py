@@ -15,7 +15,7 @@ import pytest
 
 from qwenjax.config import ModelConfig
 from qwenjax.plan import CHIPS, hints, print_report, temporaries_refused
-from tests.tpu_aot import aot_env, needs_libtpu
+from tests.tpu_aot import aot_env, compile_report, needs_libtpu
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -121,19 +121,56 @@ def test_a_step_that_does_not_fit_gets_hints():
         "temporaries_per_chip": 95 * GiB, "total_per_chip": 113 * GiB, "fits": False,
         "tokens_per_step": 2**20, "flops_per_step": 3e17, "step_seconds_at_peak": 44.0,
         "compile_seconds": 300.0, "remat": "full", "grad_accum": 2, "global_batch": 4,
+        "host_batch": 4, "kernels": {"gated_delta_rule": "auto", "attention": "auto"},
     }  # fmt: skip
     out = io.StringIO()
     print_report(report, out)
     text = out.getvalue()
     assert "DOES NOT FIT" in text and "to fit, try:" in text
     assert "model.remat=layers (now full)" in text
-    assert "train.grad_accum up to 4, a divisor of it (now 2)" in text
+    assert "train.grad_accum up to data.batch_size 4, a divisor of it (now 2)" in text
+    assert "kernels.gated_delta_rule=pallas_tpu (now auto)" in text
+    assert "kernels: gated delta rule auto, attention auto" in text
     assert "model.remat=full" not in text
     loose = hints({**report, "remat": "none"})
     assert loose[0] == "model.remat=full (now none): keeps only each block's input"
-    assert loose[1].startswith("model.remat=layers (now none)")
-    tight = {**report, "remat": "layers", "grad_accum": 4}
+    assert loose[1].startswith("kernels.gated_delta_rule=pallas_tpu (now auto)")
+    assert loose[2].startswith("model.remat=layers (now none)")
+    pallas = {"gated_delta_rule": "pallas_tpu", "attention": "auto"}
+    tight = {**report, "remat": "layers", "grad_accum": 4, "kernels": pallas}
     assert [h.split()[0] for h in hints(tight)] == ["a"]  # only more chips is left
     out = io.StringIO()
     print_report({**report, "fits": True, "total_per_chip": 90 * GiB}, out)
     assert "to fit" not in out.getvalue()
+
+
+# In a fresh process (tests/tpu_aot.py): the tiny model's train step compiled for 4 v5p chips,
+# context parallel, counting the calls that reach the Pallas TPU gated delta rule.
+_KERNELS_SCRIPT = """
+import json, sys
+from qwenjax.kernels.gated_delta_rule import api
+from qwenjax.plan import plan
+from qwenjax.runconfig import load_run_config
+
+calls = []
+pallas = api._BACKENDS["pallas_tpu"]
+api._BACKENDS["pallas_tpu"] = lambda *a, **kw: calls.append(a[2].shape) or pallas(*a, **kw)
+overrides = ["data.seq_len=256", "data.batch_size=2", "mesh.fsdp=2", "mesh.sequence=2"]
+report = plan(load_run_config(sys.argv[1], [*overrides, *sys.argv[2:]]), "v5p:2x2x1")
+print(json.dumps({"v": [list(s) for s in calls], "fits": report["fits"],
+                  "kernels": report["kernels"]}))
+"""
+
+
+@needs_libtpu
+def test_run_config_pins_the_pallas_tpu_gated_delta_rule():
+    """`kernels.gated_delta_rule=pallas_tpu` reaches every GDN layer of the step, and its Mosaic
+    kernels compile on a multi-chip mesh under context parallelism (each chip's 128 of the 256
+    tokens, with the state's dk columns appended to v's dv)."""
+    config = ROOT / "configs" / "tiny-demo.yaml"
+    tiny = ModelConfig.from_preset("tiny")
+    run = compile_report(_KERNELS_SCRIPT, config, "kernels.gated_delta_rule=pallas_tpu")
+    assert run["fits"] and run["kernels"]["gated_delta_rule"] == "pallas_tpu"
+    assert len(run["v"]) >= tiny.block_pattern.count("linear_attention")
+    width = tiny.linear_value_head_dim + tiny.linear_key_head_dim
+    assert {tuple(v[1:]) for v in run["v"]} == {(128, tiny.linear_num_value_heads, width)}

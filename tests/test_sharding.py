@@ -14,6 +14,7 @@ import qwenjax
 from qwenjax import sharding as ax
 from qwenjax.api import build_sharded
 from qwenjax.config import FULL_ATTENTION
+from tests.tpu_aot import compile_report, needs_libtpu
 
 
 def abstract_mesh(data=1, fsdp=1, sequence=1, tensor=1) -> AbstractMesh:
@@ -189,3 +190,48 @@ def test_build_sharded_creates_each_parameter_in_place():
         spec = ax.spec(got.get_metadata()["out_sharding"], ax.FSDP_TP_RULES)
         assert got.get_value().sharding.is_equivalent_to(NamedSharding(mesh, spec), got.ndim), path
         assert (got.get_value() == want.get_value()).all(), path
+
+
+# In a fresh process (tests/tpu_aot.py): TPU topology devices know their host, as on a pod.
+_DATA_SHARDS_SCRIPT = """
+import json, sys
+import numpy as np
+import jax
+from jax.experimental import topologies
+from qwenjax import sharding as ax
+
+devices = topologies.get_topology_desc(sys.argv[1], platform="tpu").devices
+hosts = sorted({d.process_index for d in devices})
+fsdp = ax.RULES["fsdp"]
+
+def shards(mesh, rules=fsdp):
+    return [list(ax.data_shards(mesh, rules, process_index=p)) for p in hosts]
+
+def error(mesh):
+    try:
+        ax.data_shards(mesh, fsdp, process_index=hosts[0])
+    except ValueError as e:
+        return str(e)
+
+# fsdp 4 x tensor 2 with hosts h0 h0 / h0 h1 / h0 h1 / h1 h1: rows 1 and 2 on both, 0 and 3 not
+by_host = sorted(devices, key=lambda d: (d.process_index, d.id))
+overlapping = [by_host[i] for i in (0, 1, 2, 4, 3, 5, 6, 7)]
+print(json.dumps({
+    "fsdp": shards(ax.make_mesh(ax.MeshConfig(fsdp=-1), devices)),
+    "sequence": shards(ax.make_mesh(ax.MeshConfig(fsdp=1, sequence=-1), devices)),
+    "tensor": shards(ax.make_mesh(ax.MeshConfig(fsdp=1, tensor=-1), devices), ax.RULES["fsdp_tp"]),
+    "overlap": error(jax.sharding.Mesh(np.array(overlapping).reshape(1, 4, 1, 2), ax.MESH_AXES)),
+}))
+"""
+
+
+@needs_libtpu
+def test_hosts_that_split_the_same_rows_read_the_same_data():
+    """Data shards follow the batch layout: a host per shard when the batch axis spans hosts;
+    one shard when every host holds all rows (tokens or heads split over the hosts)."""
+    report = compile_report(_DATA_SHARDS_SCRIPT, "v5p:2x2x2")  # 8 chips on 2 hosts
+    assert report["fsdp"] == [[0, 2], [1, 2]]  # make_mesh interleaves the hosts' chips here
+    assert report["sequence"] == [[0, 1], [0, 1]]
+    assert report["tensor"] == [[0, 1], [0, 1]]
+    assert "partly shared batch shards" in report["overlap"]
+    assert "{0: [0, 1, 2], 1: [1, 2, 3]}" in report["overlap"]

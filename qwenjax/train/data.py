@@ -4,8 +4,9 @@ Stages, all grain datasets so that the whole pipeline checkpoints through `get_s
 
 1. records: the lines of JSONL files (or ArrayRecord records), one JSON document each, either
    `{"text": ...}` or `{"messages": [...], "tools": [...]}` (detected per record);
-2. this host's share (`records[process_index::process_count]`), a global shuffle by `seed` that is
-   reseeded every epoch, and the epochs (or endless repetition);
+2. this host's share (`records[shard_index::shard_count]`: hosts that feed the same batch rows
+   share a shard, see `sharding.data_shards`), a global shuffle by `seed` that is reseeded every
+   epoch, and the epochs (or endless repetition);
 3. tokenisation: text documents end with `<|endoftext|>`; chat documents are rendered in the
    built-in Qwen3.6 format and masked to the assistant turns (`qwenjax.chat.render_with_spans`);
 4. documents longer than `seq_len` are split into `seq_len`-token pieces, each packed as its own
@@ -62,7 +63,9 @@ class DataConfig:
     Attributes:
         paths: Files or glob patterns: JSONL, or ArrayRecord (`.array_record`) of JSON documents.
         seq_len: Tokens per row.
-        batch_size: Rows per batch on this host; the global batch is batch_size × process_count.
+        batch_size: Rows per batch on this host; the global batch is batch_size × the number
+            of data shards: one per host, except that hosts splitting the same rows over the
+            sequence (or tensor) axis read the same rows (`sharding.data_shards`).
         seed: Seed of the record shuffle and of the row order within a packed batch.
         shuffle: Shuffle records (reshuffled every epoch) and packed rows.
         num_epochs: Passes over the data; None repeats forever (stop by step count; the way to
@@ -228,8 +231,8 @@ def make_dataset(
     config: DataConfig,
     tokenizer: Tokenizer,
     *,
-    process_index: int = 0,
-    process_count: int = 1,
+    shard_index: int = 0,
+    shard_count: int = 1,
     processor: Processor | None = None,
     vision: VisionConfig | None = None,
 ) -> grain.IterDataset:
@@ -238,9 +241,10 @@ def make_dataset(
     Args:
         config: Data settings.
         tokenizer: Tokenizer of the model being trained.
-        process_index: This host's index (`jax.process_index()`).
-        process_count: Number of hosts (`jax.process_count()`); each gets every
-            `process_count`-th record, so hosts see disjoint records.
+        shard_index: This host's data shard (`sharding.data_shards`; the process index when
+            every host feeds rows of its own).
+        shard_count: Number of data shards; shard i gets every `shard_count`-th record from
+            record i, so shards see disjoint records and hosts of one shard the same ones.
         processor: Image / video preprocessing (`Processor.from_dir(checkpoint)`); with
             `vision`, chat records may hold images and videos.
         vision: The model's `config.vision` (token ids, merge size): batches then carry mRoPE
@@ -256,12 +260,12 @@ def make_dataset(
         raise ValueError(
             f"patch_bucket {config.patch_bucket}: not a multiple of merge² {vision.merge_unit}"
         )
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    records = open_records(config.paths)[process_index::process_count]
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    records = open_records(config.paths)[shard_index::shard_count]
     if len(records) == 0:
         raise ValueError(
-            f"no records for process {process_index} of {process_count} in {config.paths}"
+            f"no records for data shard {shard_index} of {shard_count} in {config.paths}"
         )
     if config.shuffle:
         records = records.shuffle(seed=config.seed)

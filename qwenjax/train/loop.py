@@ -28,12 +28,14 @@ from qwenjax.api import add_lora, build_sharded, merge_lora
 from qwenjax.checkpoint.convert import load, save_hf
 from qwenjax.config import ModelConfig
 from qwenjax.distributed import DistributedConfig
+from qwenjax.kernels.choice import KernelChoice
 from qwenjax.model import Qwen35
 from qwenjax.model.transformer import REMAT_POLICIES
 from qwenjax.tokenizer import Tokenizer
 from qwenjax.train.checkpoints import CheckpointConfig, Checkpointer, StopRequested, abstract_like
 from qwenjax.train.data import DataConfig, make_dataset
 from qwenjax.train.evaluate import chat_exact_match, read_jsonl
+from qwenjax.train.loss import VISION_KEYS
 from qwenjax.train.metrics import MetricsLogger
 from qwenjax.train.optim import OptimConfig
 from qwenjax.train.step import (
@@ -111,6 +113,15 @@ class RunConfig:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    kernels: KernelChoice = dataclasses.field(default_factory=KernelChoice)
+
+    def __post_init__(self) -> None:
+        if self.data.batch_size % self.train.grad_accum:
+            raise ValueError(
+                f"data.batch_size {self.data.batch_size} (rows per host) is not divisible by "
+                f"train.grad_accum {self.train.grad_accum}: each host splits its own rows "
+                "into the micro-batches"
+            )
 
 
 def _model(cfg: RunConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> Qwen35:
@@ -138,14 +149,26 @@ def _tokenizer(cfg: RunConfig) -> Tokenizer:
     return Tokenizer.from_dir(where)
 
 
-def _global_batch(batch: dict, k: int, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> dict:
-    """This host's rows → the global `[k, B/k, T]` arrays the step expects."""
+def _global_batch(
+    batch: dict, k: int, mesh: jax.sharding.Mesh, rules: sharding.Rules, shards: int
+) -> dict:
+    """This host's rows → the global `[k, B/k, T]` arrays the step expects.
+
+    The global batch holds `shards` times this host's rows (`sharding.data_shards`); every
+    host gives its whole rows, and its devices take their token ranges from them.
+    """
     local = microbatches(batch, k)
     shardings = batch_shardings(mesh, rules, local)
-    return {
-        name: jax.make_array_from_process_local_data(shardings[name], np.asarray(x))
-        for name, x in local.items()
-    }
+    out = {}
+    for name, x in local.items():
+        x = np.asarray(x)
+        if name in VISION_KEYS:  # replicated
+            out[name] = jax.make_array_from_process_local_data(shardings[name], x)
+            continue
+        rows = 2 if x.ndim == 4 else 1  # mRoPE positions [k, 3, B/k, T]
+        shape = (*x.shape[:rows], x.shape[rows] * shards, *x.shape[rows + 1 :])
+        out[name] = jax.make_array_from_process_local_data(shardings[name], x, shape)
+    return out
 
 
 def _vision_data(cfg: RunConfig, config: ModelConfig) -> dict[str, Any]:
@@ -176,10 +199,23 @@ def _export(graphdef, state, cfg: RunConfig, dst: Path) -> Path:
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) the fine-tuning job described by `cfg`; returns the final summary."""
     distributed.initialize(cfg.distributed)
+    cfg.kernels.check_platform(jax.default_backend())
+    with cfg.kernels.pinned():  # every step and evaluation program is traced in here
+        return _train(cfg)
+
+
+def _train(cfg: RunConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     start = time.perf_counter()
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.RULES[cfg.model.rules]
+    shard_index, shard_count = sharding.data_shards(mesh, rules)
+    if cfg.model.vision and shard_count > 1:
+        raise ValueError(
+            "model.vision: image and video inputs are replicated to every device, so every "
+            f"host must read the same rows, but this mesh splits the batch {shard_count} ways "
+            "over hosts; keep the data and fsdp axes within a host"
+        )
     tokenizer = _tokenizer(cfg)
     model = _model(cfg, mesh, rules)
     config = model.config
@@ -202,8 +238,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         make_dataset(
             cfg.data,
             tokenizer,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            shard_index=shard_index,
+            shard_count=shard_count,
             **_vision_data(cfg, config),
         )
     )
@@ -230,13 +266,14 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         except StopIteration:
             log.message(f"data exhausted after {step} steps")
             break
-        state, metrics = train_step(state, _global_batch(batch, cfg.train.grad_accum, mesh, rules))
+        global_batch = _global_batch(batch, cfg.train.grad_accum, mesh, rules, shard_count)
+        state, metrics = train_step(state, global_batch)
         step += 1
         if step == 1:  # keep compilation out of the throughput figures
             jax.block_until_ready(metrics)
             window_start = time.perf_counter()
         else:
-            tokens_in_window += batch["input_ids"].size * jax.process_count()
+            tokens_in_window += batch["input_ids"].size * shard_count
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - window_start

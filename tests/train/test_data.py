@@ -165,15 +165,15 @@ def test_hosts_read_disjoint_records_covering_the_data(tokenizer, tmp_path):
     single = collections.Counter(_segments(_take(config, tokenizer), tokenizer.pad_id))
     hosts = [
         collections.Counter(
-            _segments(_take(config, tokenizer, process_index=i, process_count=2), tokenizer.pad_id)
+            _segments(_take(config, tokenizer, shard_index=i, shard_count=2), tokenizer.pad_id)
         )
         for i in range(2)
     ]
     assert len(single) == 30 and set(single.values()) == {1}
     assert not set(hosts[0]) & set(hosts[1])
     assert hosts[0] + hosts[1] == single
-    with pytest.raises(ValueError, match="process_index"):
-        make_dataset(config, tokenizer, process_index=2, process_count=2)
+    with pytest.raises(ValueError, match="shard_index"):
+        make_dataset(config, tokenizer, shard_index=2, shard_count=2)
 
 
 @pytest.mark.parametrize("num_epochs", [1, None])

@@ -1,7 +1,9 @@
 """Two CPU processes on localhost (launch/local.sh, jax.distributed + gloo) train like one.
 
 With shuffling and packing off, the two hosts' shares of a global batch hold the same rows as the
-single process's batch (in another order), so every step's loss must be the same.
+single process's batch (in another order), so every step's loss must be the same. With the token
+axis split over the two processes (context parallelism across hosts, as at 262K), both hosts read
+the same rows and each device takes its half of every row's tokens.
 """
 
 from __future__ import annotations
@@ -52,7 +54,15 @@ def test_two_processes_match_one(tmp_path):
         env=env, capture_output=True, timeout=600, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    single, double = _losses(one), _losses(two)
-    assert len(single) == len(double) == STEPS
-    for a, b in zip(single, double, strict=True):
+    seq = tmp_path / "sequence"
+    result = subprocess.run(
+        ["bash", str(ROOT / "launch" / "local.sh"), "2", config, f"run_dir={seq}",
+         "data.batch_size=8", "mesh.fsdp=1", "mesh.sequence=-1", *common],
+        env=env, capture_output=True, timeout=600, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    single, double, split = _losses(one), _losses(two), _losses(seq)
+    assert len(single) == len(double) == len(split) == STEPS
+    for a, b, c in zip(single, double, split, strict=True):
         assert abs(a - b) <= 1e-5 * abs(a)
+        assert abs(a - c) <= 1e-5 * abs(a)

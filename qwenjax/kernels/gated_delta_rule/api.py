@@ -31,6 +31,7 @@ _BACKENDS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
     "pallas_tpu": gated_delta_rule_pallas_tpu,
     "pallas_gpu": gated_delta_rule_pallas_gpu,
 }
+BACKENDS = tuple(_BACKENDS)
 # backend="auto" by platform, from measurement (benchmarks/results/): on an H100 the Pallas GPU
 # kernels beat the pure-JAX path 6-8x forward and 1.6-1.9x fwd+bwd at the 27B geometry. On
 # TPU the Pallas forward is not yet measured on a chip, so the pure-JAX path stays.
