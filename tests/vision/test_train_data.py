@@ -184,7 +184,7 @@ def test_train_step_on_pipeline_batch_with_train_vision(setup, chat_vlm):
     state, shardings = init_train_state(model, optim, mesh, ax.FSDP_RULES, **kw)
     step = make_train_step(model, optim, mtp_weight=0.0, ce_chunk=16, **kw)
     step = jit_train_step(step, mesh, ax.FSDP_RULES, shardings)
-    state, metrics = step(state, _global_batch(batch, 1, mesh, ax.FSDP_RULES))
+    state, metrics = step(state, _global_batch(batch, 1, mesh, ax.FSDP_RULES, shards=1))
     got = float(metrics["loss"])  # the loss before the update
     print(f"loss {got:.6f} vs transformers {want:.6f}")
     assert abs(got - want) / want < 1e-5
