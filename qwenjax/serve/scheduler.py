@@ -52,9 +52,11 @@ from qwenjax.inference.engine import (
     DecodeState,
     Options,
     Requests,
+    StaticGraph,
     _decode,
     _emit,
     _host,
+    _model,
     _sample,
     all_allowed,
     check_vision,
@@ -258,7 +260,7 @@ def _prefill_chunk(
     mRoPE positions `[3, 1, C]` and the prompt's rope delta `[1]`, which the row keeps for
     decoding (`vision_prompt`); None: text, at the row's slots.
     """
-    model: Qwen35 = nnx.merge(graphdef, params)
+    model = _model(graphdef, params)
     row = _cache_row(s.cache, slot)
     start = row.length
     positions = None  # the MTP head's: the slots, unless multimodal
@@ -364,7 +366,8 @@ class Scheduler:
             )
         self.model = model
         self.config = model.config
-        self.graphdef, self.params = nnx.split(model)
+        graphdef, self.params = nnx.split(model)
+        self.graphdef = StaticGraph(graphdef)
         self.slots = slots
         self.max_length = max_length
         self.prefill_chunk = 1 << (prefill_chunk.bit_length() - 1)  # a power of two

@@ -24,8 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from qwenjax.inference.engine import _model
 from qwenjax.vision.config import VisionConfig
 from qwenjax.vision.model import Qwen35VL, VisionInputs
 from qwenjax.vision.preprocess import pad_pixels
@@ -36,14 +36,14 @@ MIN_PATCHES = 64  # the smallest patch bucket
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _tower(graphdef, params, pixels: jax.Array, grid: jax.Array) -> jax.Array:
     """LLM tokens `[N/merge², D]` of padded `pixels [N, C·Tp·P·P]`."""
-    model: Qwen35VL = nnx.merge(graphdef, params)
+    model: Qwen35VL = _model(graphdef, params)
     return model.visual(pixels, grid)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _embed(graphdef, params, ids, num_valid, image_tokens, image_grid, video_tokens, video_grid):
     """Embeddings `[1, T, D]`, positions `[3, 1, T]` and rope delta `[1]` of `ids [1, T]`."""
-    model: Qwen35VL = nnx.merge(graphdef, params)
+    model: Qwen35VL = _model(graphdef, params)
     valid = jnp.arange(ids.shape[1])[None, :] < num_valid
     positions, delta = model.rope_index(ids, image_grid, video_grid, valid)
     return model.embed_vision_tokens(ids, image_tokens, video_tokens), positions, delta
