@@ -10,6 +10,11 @@ output buffer, sampling options). A background thread runs the device loop:
     decode     one step for every decoding slot (the engine's jitted step, MTP speculation if on)
     publish    new tokens of each slot go to its request's event stream
 
+The publish reads what the device had made before the decode step was queued, and runs while
+that step computes: the host's work per step (events, finished slots, the next dispatch)
+overlaps the device's instead of adding to it. Finished rows are already `done` on the device,
+so the step queued behind them skips them.
+
 Constrained requests (`response_format`) carry a host-side `Constraint` (a grammar matcher). Its
 allowed-token bitmask is a row of `Requests.allowed`, rewritten after every token it takes; so
 while any constrained request holds a slot, every step is a plain one-token step (MTP speculation
@@ -651,21 +656,37 @@ class Scheduler:
             self._prefill_one(index)
             if slot.constraint is not None and slot.prefilled == len(slot.prompt):
                 self._publish()  # its grammar takes the first token before the next is sampled
-        if any(s.prefilled == len(s.prompt) and s.delivered > 0 for s in self._active.values()):
-            before = self._state.steps
-            # Constrained rows take one token at a time (without speculation, no other variant).
-            plain = self.k > 0 and any(s.constraint is not None for s in self._active.values())
-            self._upload_allowed()
-            self._state = _decode(
-                self.graphdef,
-                self.params,
-                self._state,
-                self._req,
-                before + 1,
-                opts=self.opts,
-                plain=plain,
-            )
-        self._publish()
+        if not any(s.prefilled == len(s.prompt) and s.delivered > 0 for s in self._active.values()):
+            self._publish()
+            return
+        constrained = any(s.constraint is not None for s in self._active.values())
+        if constrained:  # the grammars must see this step's tokens before the next is sampled
+            self._decode_step(plain=self.k > 0)  # one token at a time, as the masks allow
+            self._publish()
+            return
+        # Read what the device has made so far, queue the next step behind it, and hand the
+        # tokens out while that step runs: the host's work per step overlaps the device's.
+        made = self._queue_read()
+        self._decode_step(plain=False)
+        self._publish(made)
+
+    def _decode_step(self, plain: bool) -> None:
+        self._upload_allowed()
+        self._state = _decode(
+            self.graphdef,
+            self.params,
+            self._state,
+            self._req,
+            self._state.steps + 1,
+            opts=self.opts,
+            plain=plain,
+        )
+
+    def _queue_read(self) -> tuple[jax.Array, ...]:
+        cursor = np.zeros((self.slots,), np.int32)
+        for i, s in self._active.items():
+            cursor[i] = s.delivered
+        return _read(self._state, jnp.asarray(cursor), width=self.k + 2)
 
     def _upload_allowed(self) -> None:
         if self._dirty:
@@ -716,13 +737,11 @@ class Scheduler:
         if last:  # free the pixels and the prompt's embeddings
             slot.vision = slot.prepared = None
 
-    def _publish(self) -> None:
-        cursor = np.zeros((self.slots,), np.int32)
-        for i, s in self._active.items():
-            cursor[i] = s.delivered
-        width = self.k + 2
-        out = _read(self._state, jnp.asarray(cursor), width=width)
-        num_out, done, stopped, tokens, lps, top_ids, top_lps, drafted, accepted = map(_host, out)
+    def _publish(self, made: tuple[jax.Array, ...] | None = None) -> None:
+        """Publish each slot's new tokens, from `made` (a `_read` queued earlier) or the state
+        now; free the slots that finished."""
+        made = self._queue_read() if made is None else made
+        num_out, done, stopped, tokens, lps, top_ids, top_lps, drafted, accepted = map(_host, made)
         for i, s in list(self._active.items()):
             new = int(num_out[i]) - s.delivered
             finished = bool(done[i]) and s.prefilled == len(s.prompt)
