@@ -18,14 +18,21 @@ import numpy as np
 from qwenjax.config import ModelConfig
 
 
+def base_inv_frequencies(dim: int, base: float) -> np.ndarray:
+    """`1 / base^(2i/dim)` for i < dim/2, fp32, bit for bit as torch computes it.
+
+    The power is taken in float64 and rounded once: numpy's float32 pow is an ulp off on AVX-512
+    hosts, and one ulp of frequency is 0.03 rad at position 900K.
+    """
+    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    power = (base ** exponent.astype(np.float64)).astype(np.float32)
+    return np.float32(1.0) / power
+
+
 def inv_frequencies(config: ModelConfig) -> tuple[np.ndarray, float]:
     """Inverse frequencies `[rotary_dim/2]` (fp32) and the cos/sin scale (1 unless YaRN)."""
     dim, base = config.rotary_dim, config.rope_theta
-    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    # The power in float64, rounded once: numpy's float32 pow is an ulp off on AVX-512 CPUs, and
-    # one ulp of frequency is 0.03 rad at position 900K. Rounded, it matches torch bit for bit.
-    pos_freqs = (base ** exponent.astype(np.float64)).astype(np.float32)
-    inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    inv_freq = base_inv_frequencies(dim, base)
     yarn = config.yarn
     if yarn is None:
         return inv_freq, 1.0

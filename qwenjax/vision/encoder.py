@@ -24,6 +24,7 @@ from flax import nnx
 from qwenjax import sharding as ax
 from qwenjax.kernels.attention import attention
 from qwenjax.model.params import normal_002, ones, param, zeros
+from qwenjax.model.rope import base_inv_frequencies
 from qwenjax.model.transformer import REMAT_POLICIES
 from qwenjax.vision.config import GELU_APPROXIMATE, VisionConfig
 
@@ -245,8 +246,7 @@ class VisionEncoder(nnx.Module):
     def rotary(self, layout: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """cos, sin `[P, H]`: H/4 frequencies of the row, then of the column, repeated twice."""
         spatial = self.config.head_dim // 2
-        exponent = jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial
-        inv_freq = 1.0 / (self.config.rope_theta**exponent)  # [H/4]
+        inv_freq = base_inv_frequencies(spatial, self.config.rope_theta)  # [H/4]
         f = jnp.concatenate(
             [
                 layout["row"].astype(jnp.float32)[:, None] * inv_freq,
