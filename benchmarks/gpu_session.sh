@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh            # on the device machine, repository root
 #   STEPS="gdn decode" bash benchmarks/gpu_session.sh
 #   STEPS="generate serve" bash benchmarks/gpu_session.sh   # issue 7: 27B with random weights
+#   STEPS=scheduler bash benchmarks/gpu_session.sh          # the serving loop: overlap vs serial
 #   STEPS=serve SERVE_PRESET=tiny SERVE_REQUESTS=8 OUT=/tmp/x bash benchmarks/gpu_session.sh  # CPU dry run
 #
 # flash-linear-attention is a baseline, not a dependency: its pure-Python wheels are installed
@@ -50,6 +51,10 @@ for step in $STEPS; do
     generate) cmd=(python benchmarks/generate.py --model qwen3.6-27b --dtype bfloat16 --batch 1 32
                    --prompt-len 512 --new-tokens 128 --speculative-tokens 0 2 --repeats 2)
               outflag=(--out "$OUT/$(date -u +%Y-%m-%dT%H%MZ)_generate_27b.jsonl") ; limit=300 ;;
+    # Two schedulers of 16 slots x 2048 tokens (KV 2 GiB + GDN state 2.3 GiB each) beside 54 GB.
+    scheduler) cmd=(python -m benchmarks.scheduler_loop --model qwen3.6-27b --dtype bfloat16
+                    --slots 16 --max-length 2048 --prompt-len 512 --new-tokens 128 --repeats 3)
+               limit=300 ;;
     serve) serve_27b ; continue ;;
     *) echo "unknown step $step"; continue ;;
   esac

@@ -656,6 +656,9 @@ class Scheduler:
             self._prefill_one(index)
             if slot.constraint is not None and slot.prefilled == len(slot.prompt):
                 self._publish()  # its grammar takes the first token before the next is sampled
+        self._decode_and_publish()
+
+    def _decode_and_publish(self) -> None:
         if not any(s.prefilled == len(s.prompt) and s.delivered > 0 for s in self._active.values()):
             self._publish()
             return
