@@ -13,12 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from qwenjax import sharding
 from qwenjax.api import build
 from qwenjax.checkpoint import load
 from qwenjax.config import ModelConfig
-from qwenjax.inference.engine import Engine, commit, generate
+from qwenjax.inference.engine import Engine, StaticGraph, _model, commit, generate
 from qwenjax.inference.sampling import SamplingParams
 from qwenjax.model.cache import DeltaNetCache, init_cache
 from tests.conftest import rel_err
@@ -232,3 +233,27 @@ def test_decoding_continues_yarn_positions(text_model):
         hidden, cache, _ = model.extend(jnp.asarray([[ids[t]]]), cache)
         parts.append(np.asarray(model.logits(hidden))[0])
     assert rel_err(np.concatenate(parts), full_logits(model, ids)) < TOL
+
+
+def test_equal_model_graphs_share_compiled_programs():
+    """The engine and the scheduler pass the graph to jit as a `StaticGraph` (hashed once, not on
+    every step): graphs of equal models still compare equal, so they share compiled programs,
+    and a different architecture does not."""
+    tiny = ModelConfig.from_preset("tiny")
+    a, b = (build(tiny, dtype=jnp.float32, seed=s) for s in (0, 1))
+    shallow = build(
+        dataclasses.replace(tiny, num_hidden_layers=4, layer_types=tiny.layer_types[:4])
+    )
+    (ga, pa), (gb, pb) = nnx.split(a), nnx.split(b)
+    ga, gb, gc = StaticGraph(ga), StaticGraph(gb), StaticGraph(nnx.split(shallow)[0])
+    assert ga == gb and hash(ga) == hash(gb) and ga != gc
+    traces = []
+
+    def embed_sum(params, ids, graph):
+        traces.append(graph)
+        return _model(graph, params).embed(ids).sum()
+
+    embed_sum = jax.jit(embed_sum, static_argnames="graph")
+    ids = jnp.arange(7)[None]
+    assert embed_sum(pa, ids, graph=ga) != embed_sum(pb, ids, graph=gb)  # other weights, one trace
+    assert len(traces) == 1
