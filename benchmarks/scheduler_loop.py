@@ -41,9 +41,9 @@ class SerialScheduler(Scheduler):
     """The baseline: every decode step is waited for and published before the next is queued."""
 
     def _decode_and_publish(self) -> None:
-        active = self._active.values()
-        if any(s.prefilled == len(s.prompt) and s.delivered > 0 for s in active):
-            self._decode_step(plain=self.k > 0 and any(s.constraint is not None for s in active))
+        if self._decoding():
+            constrained = any(s.constraint is not None for s in self._active.values())
+            self._decode_step(plain=self.k > 0 and constrained)
         self._publish()
 
 

@@ -658,20 +658,24 @@ class Scheduler:
                 self._publish()  # its grammar takes the first token before the next is sampled
         self._decode_and_publish()
 
+    def _decoding(self) -> bool:
+        """Some slot has its first token out, so a decode step has rows to run."""
+        return any(s.prefilled == len(s.prompt) and s.delivered > 0 for s in self._active.values())
+
     def _decode_and_publish(self) -> None:
-        if not any(s.prefilled == len(s.prompt) and s.delivered > 0 for s in self._active.values()):
+        if not self._decoding():
             self._publish()
-            return
-        constrained = any(s.constraint is not None for s in self._active.values())
-        if constrained:  # the grammars must see this step's tokens before the next is sampled
-            self._decode_step(plain=self.k > 0)  # one token at a time, as the masks allow
+        elif any(s.constraint is not None for s in self._active.values()):
+            # The grammars must see this step's tokens before the next is sampled: one token a
+            # step, as the masks allow, published before the next step is queued.
+            self._decode_step(plain=self.k > 0)
             self._publish()
-            return
-        # Read what the device has made so far, queue the next step behind it, and hand the
-        # tokens out while that step runs: the host's work per step overlaps the device's.
-        made = self._queue_read()
-        self._decode_step(plain=False)
-        self._publish(made)
+        else:
+            # Read what the device has made so far, queue the next step behind it, and hand the
+            # tokens out while that step runs: the host's work per step overlaps the device's.
+            made = self._queue_read()
+            self._decode_step(plain=False)
+            self._publish(made)
 
     def _decode_step(self, plain: bool) -> None:
         self._upload_allowed()

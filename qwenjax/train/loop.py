@@ -165,7 +165,7 @@ def _global_batch(
         if name in VISION_KEYS:  # replicated
             out[name] = jax.make_array_from_process_local_data(shardings[name], x)
             continue
-        rows = 2 if x.ndim == 4 else 1  # mRoPE positions [k, 3, B/k, T]
+        rows = x.ndim - 2  # next to last: [k, B/k, T], mRoPE positions [k, 3, B/k, T]
         shape = (*x.shape[:rows], x.shape[rows] * shards, *x.shape[rows + 1 :])
         out[name] = jax.make_array_from_process_local_data(shardings[name], x, shape)
     return out
