@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_session.sh            # on the device machine, repository root
 #   STEPS="gdn decode" bash benchmarks/gpu_session.sh
+#   STEPS=decode_attention bash benchmarks/gpu_session.sh  # xla vs the Pallas decode kernel
 #   STEPS="generate serve" bash benchmarks/gpu_session.sh   # issue 7: 27B with random weights
 #   STEPS=scheduler bash benchmarks/gpu_session.sh          # the serving loop: overlap vs serial
 #   STEPS=serve SERVE_PRESET=tiny SERVE_REQUESTS=8 OUT=/tmp/x bash benchmarks/gpu_session.sh  # CPU dry run
@@ -13,7 +14,7 @@
 # from .whl/ (carried to the device) into a scratch directory when present.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
-STEPS=${STEPS:-"gdn decode attention"}
+STEPS=${STEPS:-"gdn decode attention decode_attention"}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   pip install --quiet --no-index --no-deps --target /tmp/fla_site .whl/*.whl && export PYTHONPATH=/tmp/fla_site:${PYTHONPATH:-}
@@ -48,6 +49,7 @@ for step in $STEPS; do
     gdn) cmd=(python -m benchmarks.gated_delta_rule --shapes 27b-32k --breakdown --configs 64:4:2,32:4:2,64:8:2) ; limit=300 ;;
     decode) cmd=(python -m benchmarks.decode_step) ; limit=90 ;;
     attention) cmd=(python -m benchmarks.attention) ; limit=150 ;;
+    decode_attention) cmd=(python -m benchmarks.decode_attention) ; limit=150 ;;
     generate) cmd=(python benchmarks/generate.py --model qwen3.6-27b --dtype bfloat16 --batch 1 32
                    --prompt-len 512 --new-tokens 128 --speculative-tokens 0 2 --repeats 2)
               outflag=(--out "$OUT/$(date -u +%Y-%m-%dT%H%MZ)_generate_27b.jsonl") ; limit=300 ;;

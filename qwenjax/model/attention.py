@@ -15,7 +15,7 @@ from flax import nnx
 
 from qwenjax import sharding as ax
 from qwenjax.config import ModelConfig
-from qwenjax.kernels.attention import attention
+from qwenjax.kernels.attention import attention, cache_attention
 from qwenjax.kernels.context_parallel import attention_context_parallel
 from qwenjax.model.cache import KV_CACHE, KVCache, write_rows
 from qwenjax.model.context import Context
@@ -80,12 +80,10 @@ class GatedAttention(nnx.Module):
         start = ctx.token_index[:, 0]
         cache = KVCache(k=write_rows(cache.k, k, start), v=write_rows(cache.v, v, start))
         cache = KVCache(k=ax.constrain(cache.k, KV_CACHE), v=ax.constrain(cache.v, KV_CACHE))
-        b, s = cache.k.shape[:2]
-        kv_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
         o = ax.shard_kernel(
-            lambda q, k, v, qp, kp: attention(q, k, v, q_positions=qp, kv_positions=kp),
-            (q, cache.k, cache.v, ctx.token_index, kv_positions),
-            (Q, KV, KV, POS, POS),
+            lambda q, k, v, qp: cache_attention(q, k, v, q_positions=qp),
+            (q, cache.k, cache.v, ctx.token_index),
+            (Q, KV, KV, POS),
             Q,
         )  # [B, T, N, H]
         return self._out(o, gate), cache

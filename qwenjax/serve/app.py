@@ -203,9 +203,11 @@ def _random_model(args: argparse.Namespace, mesh: Any, rules: Any):
 
 def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None:
     """Load the checkpoint, start the engine and serve until SIGTERM / Ctrl-C."""
+    import jax
     import uvicorn
 
     from qwenjax.checkpoint import load
+    from qwenjax.kernels.choice import KernelChoice
     from qwenjax.serve.scheduler import Scheduler
     from qwenjax.tokenizer import Tokenizer
     from qwenjax.vision.model import Qwen35VL
@@ -221,6 +223,11 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.speculative_tokens < 0:
         raise ValueError("--speculative-tokens must be >= 0")
+    kernels = KernelChoice(attention=getattr(args, "attention_kernel", "auto"))
+    try:
+        kernels.check_platform(jax.default_backend())
+    except ValueError as e:
+        raise ValueError(f"--attention-kernel: {e}") from None
     split = sharding.batch_split(mesh, rules)
     if args.slots % split:  # before loading: the scheduler would refuse it after
         raise ValueError(
@@ -296,11 +303,12 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
         max_length,
     )
     app = build_app(state, drain_timeout=args.shutdown_timeout)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level="info",
-        timeout_graceful_shutdown=args.shutdown_timeout,
-        access_log=args.access_log,
-    )
+    with kernels.pinned():  # the scheduler traces its programs while serving
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="info",
+            timeout_graceful_shutdown=args.shutdown_timeout,
+            access_log=args.access_log,
+        )

@@ -60,3 +60,16 @@ def test_serve_refuses_slots_the_mesh_cannot_split(tmp_path, capsys):
         main(argv)
     assert exit_.value.code == 2
     assert "--slots 4 must be a multiple of 8" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_gpu_attention_kernel_off_gpu(tmp_path, capsys):
+    """`qwenjax serve --attention-kernel pallas_gpu` on this CPU: exit 2 naming the flag, before
+    any checkpoint is read (there it would run in the Pallas interpreter)."""
+    from qwenjax.cli import main
+
+    argv = ["serve", "--checkpoint", str(tmp_path / "unread"), "--attention-kernel", "pallas_gpu"]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--attention-kernel: kernels.attention=pallas_gpu is a GPU kernel" in err, err

@@ -18,6 +18,9 @@ Backends:
   "pallas_gpu" JAX's Pallas Triton flash attention (`pallas_gpu.py`) for the same calls, segment
            ids compared in-kernel where cuDNN needs a dense mask; K/V repeated to the query
            heads. Opt-in until timed (compiles for an H100, tested); interpreted off GPU.
+`cache_attention` is the twin for queries over a KV cache (decoding, speculative verification,
+prefill chunks): "xla" or "chunked" as above, or "pallas_gpu", a Pallas Triton kernel that reads
+only the keys each row can see (`decode_pallas_gpu.py`; opt-in until timed).
 "auto" picks "cudnn" on GPU when the call allows it. Otherwise, when it allows "splash" and the
 head dim is a multiple of 128 (the TPU lane width; the 27B model's is 256), "splash" when
 lowered for TPU (`lax.platform_dependent`: chosen at lowering, so also when compiling ahead of
@@ -35,7 +38,9 @@ import functools
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 
+from qwenjax.kernels.attention import decode_pallas_gpu
 from qwenjax.kernels.attention.blockwise import attention_blockwise
 from qwenjax.kernels.attention.pallas_gpu import pallas_gpu_attention
 from qwenjax.kernels.attention.reference import attention_mask, attention_reference
@@ -162,3 +167,44 @@ def attention(
         mosaic = functools.partial(splash, interpret=False)
         return jax.lax.platform_dependent(q, k, v, tpu=mosaic, default=unfused)
     return unfused(q, k, v)
+
+
+def cache_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_positions: jax.Array,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> jax.Array:
+    """Causal attention of `q [B, T, N, H]` at `q_positions [B, T]` over a KV cache `k, v
+    [B, S, K, H]` whose slot s holds position s (slots after a query's position are unwritten
+    or stale, and hidden).
+
+    backend: "xla" or "chunked" (`attention`'s math), "pallas_gpu" (the decode kernel: T x G
+    query rows per kv head up to `decode_pallas_gpu.MAX_ROWS` and a power-of-two head dim; other
+    calls take "auto"), or "auto": the xla or chunked path by size, unless `auto_backend` pins
+    "pallas_gpu" (or "xla", "chunked"). Returns `[B, T, N, H]` in v's dtype.
+    """
+    if backend not in ("auto", "xla", "chunked", "pallas_gpu"):
+        raise ValueError(
+            f"cache attention backend {backend!r}: choose from auto, xla, chunked, pallas_gpu"
+        )
+    if backend == "auto" and _override and _override[-1] in ("xla", "chunked", "pallas_gpu"):
+        backend = _override[-1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if backend == "pallas_gpu" and decode_pallas_gpu.supports(q.shape, k.shape):
+        return decode_pallas_gpu.decode_attention_pallas_gpu(
+            q, k, v, q_positions=q_positions, scale=scale
+        )
+    kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
+    return attention(
+        q,
+        k,
+        v,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+        scale=scale,
+        backend="auto" if backend == "pallas_gpu" else backend,
+    )
