@@ -1,8 +1,9 @@
 """Attention over the KV cache while decoding: the xla path (every slot of the cache, what "auto"
-runs today) against the Pallas GPU decode kernel (only the keys each row can see).
+runs today) against a Pallas decode kernel (only the keys each row can see): "pallas_gpu"
+(Triton) on a GPU, "pallas_tpu" (Mosaic) on a TPU.
 
     python -m benchmarks.decode_attention                  # 27B layer: 16 and 32 slots, 32K cache
-    python -m benchmarks.decode_attention --shapes small   # a quick run (interpreted off GPU)
+    python -m benchmarks.decode_attention --shapes small   # a quick run (interpreted off GPU/TPU)
 
 A script, not a test. One gated-attention layer of the 27B (24 query and 4 KV heads, head dim
 256, bf16 cache) for B slots of an S-slot cache, T queries a row (1: a decode step; 3: the
@@ -50,10 +51,10 @@ def case(b: int, s: int, t: int, fill: str, seed: int = 0):
     return (q, k, v, positions), lengths
 
 
-def check(t: int) -> float:
+def check(t: int, backend: str) -> float:
     """The kernel vs the fp32 reference math on bf16 inputs, relative l2 error."""
     args, _ = case(3, 3000, t, "short", seed=1)
-    kernel = lambda q, k, v, p: cache_attention(q, k, v, q_positions=p, backend="pallas_gpu")
+    kernel = lambda q, k, v, p: cache_attention(q, k, v, q_positions=p, backend=backend)
     got = jax.jit(kernel)(*args)
     f32 = [x.astype(jnp.float32) for x in args[:3]]
     want = cache_attention(*f32, q_positions=args[3], backend="xla")
@@ -66,13 +67,16 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 3])
     p.add_argument("--fills", nargs="+", default=list(FILLS), choices=list(FILLS))
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--kernel", choices=["pallas_gpu", "pallas_tpu"], default=None,
+                   help="default: pallas_tpu on a TPU, else pallas_gpu")  # fmt: skip
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     device = jax.devices()[0]
     stamp = utc_stamp()
     print(f"{device.device_kind}, jax {jax.__version__}, {stamp}", flush=True)
-    errors = {t: check(t) for t in args.tokens}
-    print("pallas_gpu vs fp32 reference, bf16 inputs, relative l2:", errors, flush=True)
+    kernel = args.kernel or ("pallas_tpu" if jax.default_backend() == "tpu" else "pallas_gpu")
+    errors = {t: check(t, kernel) for t in args.tokens}
+    print(f"{kernel} vs fp32 reference, bf16 inputs, relative l2:", errors, flush=True)
     assert max(errors.values()) < 2e-2, errors
     peaks = measure_peaks(matmul=False)
     print("peaks:", peaks, flush=True)
@@ -83,7 +87,7 @@ def main() -> None:
                 inputs, lengths = case(b, s, t, fill)
                 needed = 2 * int(lengths.sum()) * K * H * 2  # each row's keys and values, once
                 times = {}
-                for backend in ("xla", "pallas_gpu"):
+                for backend in ("xla", kernel):
                     fn = jax.jit(
                         lambda q, k, v, p, backend=backend: cache_attention(
                             q, k, v, q_positions=p, backend=backend

@@ -14,7 +14,7 @@
 # from .whl/ (carried to the device) into a scratch directory when present.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
-STEPS=${STEPS:-"gdn decode attention decode_attention"}
+STEPS=${STEPS:-"gdn decode attention"}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   pip install --quiet --no-index --no-deps --target /tmp/fla_site .whl/*.whl && export PYTHONPATH=/tmp/fla_site:${PYTHONPATH:-}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -40,6 +40,8 @@ from qwenjax.inference.sampling import (
     speculative_accept,
     top_logprobs,
 )
+from qwenjax.kernels.choice import KernelChoice
+from qwenjax.kernels.choice import current as current_kernels
 from qwenjax.model import Qwen35
 from qwenjax.model.cache import (
     Cache,
@@ -252,18 +254,24 @@ def _constrain_cache(cache: Cache) -> Cache:
 
 
 class StaticGraph:
-    """An nnx `GraphDef` as a static jit argument, hashed once.
+    """An nnx `GraphDef` as a static jit argument, hashed once, with the kernel pins in force
+    when it was made (`qwenjax.kernels.choice.current()`).
 
     jit hashes its static arguments on every call, and a GraphDef rehashes its whole node list
     each time: 0.4 ms a call for the tiny model, 1.2 ms with the device busy, which was most of
-    the serving loop's host time per decode step. Equal graphs still share compiled programs.
+    the serving loop's host time per decode step. Equal graphs under equal pins still share
+    compiled programs. The pins are part of the key because they act while tracing, which jit
+    does not see: an engine built under `auto_backend("pallas_gpu")` would otherwise reuse the
+    programs an earlier one traced with the default kernels. `@traced_under_pins` functions
+    trace under the graph's pins, whatever pins surround the call.
     """
 
-    __slots__ = ("_hash", "graphdef")
+    __slots__ = ("_hash", "graphdef", "kernels")
 
-    def __init__(self, graphdef: nnx.GraphDef):
+    def __init__(self, graphdef: nnx.GraphDef, kernels: KernelChoice | None = None):
         self.graphdef = graphdef
-        self._hash = hash(graphdef)
+        self.kernels = current_kernels() if kernels is None else kernels
+        self._hash = hash((graphdef, self.kernels))
 
     def __hash__(self) -> int:
         return self._hash
@@ -272,8 +280,20 @@ class StaticGraph:
         return self is other or (
             isinstance(other, StaticGraph)
             and self._hash == other._hash
+            and self.kernels == other.kernels
             and self.graphdef == other.graphdef
         )
+
+
+def traced_under_pins(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn(graphdef: StaticGraph, ...)` traced under the graph's kernel pins (put it under jit)."""
+
+    @functools.wraps(fn)
+    def run(graphdef: StaticGraph, *args, **kwargs):
+        with graphdef.kernels.exactly():
+            return fn(graphdef, *args, **kwargs)
+
+    return run
 
 
 def _model(graph: StaticGraph, params) -> Qwen35:
@@ -286,6 +306,7 @@ def _last_logits(model: Qwen35, hidden: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
+@traced_under_pins
 def _prefill(
     graphdef, params, ids, lengths, req: Requests, vision: VisionInputs | None, *, opts: Options
 ) -> DecodeState:
@@ -428,6 +449,7 @@ def _speculative_step(model: Qwen35, s: DecodeState, req: Requests, opts: Option
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts", "plain"), donate_argnames=("s",))
+@traced_under_pins
 def _decode(
     graphdef, params, s: DecodeState, req: Requests, limit, *, opts: Options, plain: bool = False
 ):

@@ -15,7 +15,9 @@ from collections.abc import Iterator
 
 from qwenjax.kernels import attention as _attention
 from qwenjax.kernels import gated_delta_rule as _gdn
+from qwenjax.kernels.attention import api as _attention_api
 from qwenjax.kernels.attention.api import BACKENDS as ATTENTION_BACKENDS
+from qwenjax.kernels.gated_delta_rule import api as _gdn_api
 from qwenjax.kernels.gated_delta_rule.api import BACKENDS as GDN_BACKENDS
 
 # The platform a compiled (not interpreted) backend is for. Elsewhere its Pallas kernels run in
@@ -28,7 +30,7 @@ class KernelChoice:
     """What `backend="auto"` means for the model's sequence mixers during a run."""
 
     gated_delta_rule: str = "auto"  # auto | reference | chunked | pallas_tpu | pallas_gpu
-    attention: str = "auto"  # auto | xla | chunked | cudnn | splash | pallas_gpu
+    attention: str = "auto"  # auto | xla | chunked | cudnn | splash | pallas_gpu | pallas_tpu
 
     def __post_init__(self) -> None:
         for key, valid in (("gated_delta_rule", GDN_BACKENDS), ("attention", ATTENTION_BACKENDS)):
@@ -60,3 +62,28 @@ class KernelChoice:
             if self.attention != "auto":
                 stack.enter_context(_attention.auto_backend(self.attention))
             yield
+
+    @contextlib.contextmanager
+    def exactly(self) -> Iterator[None]:
+        """Within the block, `backend="auto"` means this choice and nothing else: pins of an
+        enclosing block are lifted too (a program traced here is this choice's alone)."""
+        stacks = (
+            (_gdn_api._override, self.gated_delta_rule),
+            (_attention_api._override, self.attention),
+        )
+        saved = [list(stack) for stack, _ in stacks]
+        for stack, value in stacks:
+            stack[:] = [] if value == "auto" else [value]
+        try:
+            yield
+        finally:
+            for (stack, _), old in zip(stacks, saved, strict=True):
+                stack[:] = old
+
+
+def current() -> KernelChoice:
+    """The pins in force now: what `backend="auto"` means for a program traced at this point."""
+    top = lambda stack: stack[-1] if stack else "auto"
+    return KernelChoice(
+        gated_delta_rule=top(_gdn_api._override), attention=top(_attention_api._override)
+    )

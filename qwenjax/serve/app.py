@@ -260,17 +260,18 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
         log.info("images accepted (%d to %d pixels each, after resizing)", *budget)
     config = model.config
     max_length = min(args.max_length, config.max_position_embeddings)
-    scheduler = Scheduler(
-        model,
-        slots=args.slots,
-        max_length=max_length,
-        prefill_chunk=args.prefill_chunk,
-        num_speculative_tokens=args.speculative_tokens,
-        max_waiting=args.max_waiting,
-        stop_token_ids=tokenizer.eos_token_ids,
-        mesh=mesh,
-        rules=rules,
-    )
+    with kernels.pinned():  # the scheduler traces its programs under the pins it is built under
+        scheduler = Scheduler(
+            model,
+            slots=args.slots,
+            max_length=max_length,
+            prefill_chunk=args.prefill_chunk,
+            num_speculative_tokens=args.speculative_tokens,
+            max_waiting=args.max_waiting,
+            stop_token_ids=tokenizer.eos_token_ids,
+            mesh=mesh,
+            rules=rules,
+        )
     if args.served_model_name:
         name = args.served_model_name
     elif getattr(args, "random_weights", None):
@@ -303,12 +304,11 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
         max_length,
     )
     app = build_app(state, drain_timeout=args.shutdown_timeout)
-    with kernels.pinned():  # the scheduler traces its programs while serving
-        uvicorn.run(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level="info",
-            timeout_graceful_shutdown=args.shutdown_timeout,
-            access_log=args.access_log,
-        )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        timeout_graceful_shutdown=args.shutdown_timeout,
+        access_log=args.access_log,
+    )

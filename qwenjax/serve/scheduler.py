@@ -66,6 +66,7 @@ from qwenjax.inference.engine import (
     all_allowed,
     check_vision,
     empty_state,
+    traced_under_pins,
 )
 from qwenjax.inference.sampling import SamplingBatch, SamplingParams, top_logprobs
 from qwenjax.model import Qwen35
@@ -245,6 +246,7 @@ def _release(s: DecodeState, slot) -> DecodeState:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts", "last"), donate_argnames=("s",))
+@traced_under_pins
 def _prefill_chunk(
     graphdef,
     params,

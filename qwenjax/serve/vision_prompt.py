@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenjax.inference.engine import _model
+from qwenjax.inference.engine import _model, traced_under_pins
 from qwenjax.vision.config import VisionConfig
 from qwenjax.vision.model import Qwen35VL, VisionInputs
 from qwenjax.vision.preprocess import pad_pixels
@@ -34,6 +34,7 @@ MIN_PATCHES = 64  # the smallest patch bucket
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
+@traced_under_pins
 def _tower(graphdef, params, pixels: jax.Array, grid: jax.Array) -> jax.Array:
     """LLM tokens `[N/merge², D]` of padded `pixels [N, C·Tp·P·P]`."""
     model: Qwen35VL = _model(graphdef, params)
@@ -41,6 +42,7 @@ def _tower(graphdef, params, pixels: jax.Array, grid: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
+@traced_under_pins
 def _embed(graphdef, params, ids, num_valid, image_tokens, image_grid, video_tokens, video_grid):
     """Embeddings `[1, T, D]`, positions `[3, 1, T]` and rope delta `[1]` of `ids [1, T]`."""
     model: Qwen35VL = _model(graphdef, params)

@@ -7,6 +7,7 @@ identical to transformers `generate`; distributions within 4.5 standard errors p
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,17 @@ from qwenjax import sharding
 from qwenjax.api import build
 from qwenjax.checkpoint import load
 from qwenjax.config import ModelConfig
-from qwenjax.inference.engine import Engine, StaticGraph, _model, commit, generate
+from qwenjax.inference.engine import (
+    Engine,
+    StaticGraph,
+    _model,
+    commit,
+    generate,
+    traced_under_pins,
+)
 from qwenjax.inference.sampling import SamplingParams
+from qwenjax.kernels import choice
+from qwenjax.kernels.attention import auto_backend
 from qwenjax.model.cache import DeltaNetCache, init_cache
 from tests.conftest import rel_err
 
@@ -257,3 +267,27 @@ def test_equal_model_graphs_share_compiled_programs():
     ids = jnp.arange(7)[None]
     assert embed_sum(pa, ids, graph=ga) != embed_sum(pb, ids, graph=gb)  # other weights, one trace
     assert len(traces) == 1
+
+
+def test_programs_trace_under_the_pins_their_graph_was_made_under():
+    """A graph made under `auto_backend` carries that pin: it compares unequal to the same graph
+    made without (so they never share a compiled program), and functions traced for it see
+    exactly its pins, not those around the call, which are back after it."""
+    graph = nnx.split(build(ModelConfig.from_preset("tiny"), dtype=jnp.float32))[0]
+    plain = StaticGraph(graph)
+    with auto_backend("pallas_tpu"):
+        pinned = StaticGraph(graph)
+    assert plain != pinned and plain.kernels == choice.KernelChoice()
+    assert pinned.kernels == choice.KernelChoice(attention="pallas_tpu")
+    seen = []
+
+    @functools.partial(jax.jit, static_argnames="graph")
+    @traced_under_pins
+    def step(graph, x):
+        seen.append(choice.current())
+        return x + 1
+
+    with auto_backend("xla"):
+        step(plain, 1), step(pinned, 1), step(pinned, 2)
+        assert choice.current() == choice.KernelChoice(attention="xla")
+    assert seen == [choice.KernelChoice(), choice.KernelChoice(attention="pallas_tpu")]

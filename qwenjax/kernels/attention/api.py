@@ -19,8 +19,9 @@ Backends:
            ids compared in-kernel where cuDNN needs a dense mask; K/V repeated to the query
            heads. Opt-in until timed (compiles for an H100, tested); interpreted off GPU.
 `cache_attention` is the twin for queries over a KV cache (decoding, speculative verification,
-prefill chunks): "xla" or "chunked" as above, or "pallas_gpu", a Pallas Triton kernel that reads
-only the keys each row can see (`decode_pallas_gpu.py`; opt-in until timed).
+prefill chunks): "xla" or "chunked" as above, or "pallas_gpu" / "pallas_tpu", Pallas kernels
+(Triton / Mosaic) that read only the keys each row can see (`decode_pallas_gpu.py`,
+`decode_pallas_tpu.py`; opt-in until timed). "pallas_tpu" is a cache-attention backend only.
 "auto" picks "cudnn" on GPU when the call allows it. Otherwise, when it allows "splash" and the
 head dim is a multiple of 128 (the TPU lane width; the 27B model's is 256), "splash" when
 lowered for TPU (`lax.platform_dependent`: chosen at lowering, so also when compiling ahead of
@@ -40,14 +41,16 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
-from qwenjax.kernels.attention import decode_pallas_gpu
+from qwenjax.kernels.attention import decode_pallas_gpu, decode_pallas_tpu
 from qwenjax.kernels.attention.blockwise import attention_blockwise
 from qwenjax.kernels.attention.pallas_gpu import pallas_gpu_attention
 from qwenjax.kernels.attention.reference import attention_mask, attention_reference
 from qwenjax.kernels.attention.splash import BlockSizes, splash_attention
 
-BACKENDS = ("xla", "chunked", "cudnn", "splash", "pallas_gpu")
+BACKENDS = ("xla", "chunked", "cudnn", "splash", "pallas_gpu", "pallas_tpu")
 FUSED = ("cudnn", "splash", "pallas_gpu")  # causal self attention at positions 0..T-1 only
+CACHE_BACKENDS = ("xla", "chunked", "pallas_gpu", "pallas_tpu")  # what cache_attention runs
+_CACHE_KERNELS = {"pallas_gpu": decode_pallas_gpu, "pallas_tpu": decode_pallas_tpu}
 CHUNKED_MIN_ELEMENTS = 8192 * 8192  # the reference holds T * S logits per head
 SPLASH_AUTO_HEAD_DIM = 128  # "auto" takes splash only for head dims that are multiples of this
 _override: list[str] = []
@@ -135,8 +138,14 @@ def attention(
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fused_ok = positions_in_order and causal and q.shape[1] == k.shape[1]
-    if backend == "auto" and _override and (fused_ok or _override[-1] in ("xla", "chunked")):
-        backend = _override[-1]  # a pinned fused backend where it can run, else plain "auto"
+    pin = _override[-1] if _override else None
+    if backend == "auto" and ((fused_ok and pin in FUSED) or pin in ("xla", "chunked")):
+        backend = pin  # a pinned fused backend where it can run, else plain "auto"
+    if backend == "pallas_tpu":
+        raise ValueError(
+            "pallas_tpu attention runs over a KV cache (cache_attention); self attention on TPU "
+            "runs splash"
+        )
     if backend in FUSED and not fused_ok:
         raise ValueError(
             f"the {backend} backend needs causal self attention over keys at the queries' own "
@@ -182,22 +191,22 @@ def cache_attention(
     [B, S, K, H]` whose slot s holds position s (slots after a query's position are unwritten
     or stale, and hidden).
 
-    backend: "xla" or "chunked" (`attention`'s math), "pallas_gpu" (the decode kernel: T x G
-    query rows per kv head up to `decode_pallas_gpu.MAX_ROWS` and a power-of-two head dim; other
-    calls take "auto"), or "auto": the xla or chunked path by size, unless `auto_backend` pins
-    "pallas_gpu" (or "xla", "chunked"). Returns `[B, T, N, H]` in v's dtype.
+    backend: "xla" or "chunked" (`attention`'s math), "pallas_gpu" / "pallas_tpu" (the decode
+    kernels, for up to `MAX_ROWS` T x G query rows per kv head, the GPU one for power-of-two head
+    dims; other calls take "auto"), or "auto": the xla or chunked path by size, unless
+    `auto_backend` pins one of `CACHE_BACKENDS`. Returns `[B, T, N, H]` in v's dtype.
     """
-    if backend not in ("auto", "xla", "chunked", "pallas_gpu"):
+    if backend not in ("auto", *CACHE_BACKENDS):
         raise ValueError(
-            f"cache attention backend {backend!r}: choose from auto, xla, chunked, pallas_gpu"
+            f"cache attention backend {backend!r}: choose from auto, {', '.join(CACHE_BACKENDS)}"
         )
-    if backend == "auto" and _override and _override[-1] in ("xla", "chunked", "pallas_gpu"):
+    if backend == "auto" and _override and _override[-1] in CACHE_BACKENDS:
         backend = _override[-1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if backend == "pallas_gpu" and decode_pallas_gpu.supports(q.shape, k.shape):
-        return decode_pallas_gpu.decode_attention_pallas_gpu(
-            q, k, v, q_positions=q_positions, scale=scale
-        )
+    kernel = _CACHE_KERNELS.get(backend)
+    if kernel is not None and kernel.supports(q.shape, k.shape):
+        run = getattr(kernel, f"decode_attention_{backend}")
+        return run(q, k, v, q_positions=q_positions, scale=scale)
     kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
     return attention(
         q,
@@ -206,5 +215,5 @@ def cache_attention(
         q_positions=q_positions,
         kv_positions=kv_positions,
         scale=scale,
-        backend="auto" if backend == "pallas_gpu" else backend,
+        backend="auto" if kernel is not None else backend,
     )

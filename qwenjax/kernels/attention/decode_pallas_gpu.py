@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from qwenjax.kernels.attention.decode_rows import from_rows, to_rows
 from qwenjax.kernels.platform import triton_or_interpreted
 
 BLOCK = 64  # keys a loop step: K and V blocks of 64 x 256 bf16, 64 KB with two pipeline stages
@@ -142,11 +143,7 @@ def decode_attention_pallas_gpu(
     split_blocks = max(1, SPLIT // block)
     splits = pl.cdiv(pl.cdiv(s, block), split_blocks)
 
-    qr = q.reshape(b, t, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, h)
-    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rows - t * g), (0, 0)))  # [B, K, R, H]
-    pos = jnp.repeat(q_positions.astype(jnp.int32), g, axis=1)  # row t*G + g: query t
-    pos = jnp.pad(pos, ((0, 0), (0, rows - t * g)), constant_values=-1)  # [B, R]
-    n_keys = jnp.clip(jnp.max(q_positions, axis=1) + 1, 0, s).astype(jnp.int32)  # [B]
+    qr, pos, n_keys = to_rows(q, q_positions, kv, s, rows)  # [B, K, R, H], [B, R], [B]
 
     in_specs = [
         pl.BlockSpec((1,), lambda i, x, j: (i,)),
@@ -176,13 +173,11 @@ def decode_attention_pallas_gpu(
             out_shape=out_shape,
             compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
             interpret=interpret,
-            name="decode_attention",
+            name="decode_attention_triton",
         )(*args)
 
     o, m, den = triton_or_interpreted(run, interpret, n_keys, pos, qr, k, v)
-    out = _merge(o, m, den)[:, :, : t * g]  # [B, K, T*G, H]
-    out = out.reshape(b, kv, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
-    return out.astype(v.dtype)
+    return from_rows(_merge(o, m, den), t, n).astype(v.dtype)
 
 
 def _merge(o: jax.Array, m: jax.Array, den: jax.Array) -> jax.Array:

@@ -1,0 +1,185 @@
+"""Attention of a few queries per row over a KV cache, in Pallas Mosaic (TPU): the twin of
+`decode_pallas_gpu.py`, reading only the key blocks each row can see.
+
+The grid is (row b, key block i), the blocks sequential. Each row's number of keys
+n_b = 1 + max_t position[b, t] is prefetched into SMEM, and the K/V block index map clamps i to
+the row's last block: a block past it maps to the one already in VMEM, so the pipeline fetches
+nothing for it, and the body skips it (`pl.when`). All K heads of a block come in one DMA
+(`[BLOCK, K, H]`: Mosaic wants a block's last two dims whole or tiled, and a reshape of the cache
+to `[B, S, K*H]` is a copy on TPU, whose tiled layouts differ: 6 GiB at 32 x 32K slots). For the
+blocks it runs, per kv head k:
+
+    s  = scale * Q_k K_i^T                     [R, BLOCK] fp32, R = the T x G queries of head k
+    s  = -inf where key > query position or past the cache (the edge block's tail)
+    m' = max(m, rowmax s)      p = exp(s - m')      l' = l exp(m - m') + rowsum p
+    acc' = acc exp(m - m') + p V_i             p in V's dtype, V's rows past the cache zeroed
+
+with m, l, acc in VMEM scratch, and out = acc / l written at the last block (zeros for a query
+that sees no key, as the reference). A row's result depends on its own queries and keys and on
+S alone (the block size follows from S): the same next to any batch.
+
+Shapes Mosaic needs: the query rows padded to a multiple of 8 (sublanes), the query positions
+broadcast over 128 lanes; a block of 512 keys (or the whole cache when shorter).
+
+Not timed (no TPU here): opt-in. `interpret=None` stages the call through
+`lax.platform_dependent`: Mosaic when lowered for TPU (also ahead of time from a CPU host), the
+Pallas HLO interpreter elsewhere (tests); True: the TPU interpreter.
+
+Letters: B batch, T queries a row, S cache slots, K kv heads, G queries per kv head, H head dim,
+R padded query rows of one kv head.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from qwenjax.kernels.attention.decode_rows import from_rows, to_rows
+
+BLOCK = 512  # keys a grid step: K and V blocks of 512 x (4 x 256) bf16, 1 MiB each
+LANES = 128
+MAX_ROWS = 128  # T x G query rows a kv head at most; longer calls take the xla path
+
+
+def supports(q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> bool:
+    """Whether the kernel takes q `[B, T, N, H]` over a cache `[B, S, K, H]`."""
+    _, t, n, _ = q_shape
+    return t * (n // k_shape[2]) <= MAX_ROWS
+
+
+def _block(s: int) -> int:
+    return BLOCK if s > BLOCK else s  # a block dim must be a multiple of 8 or the whole axis
+
+
+def _kernel(
+    n_ref,  # SMEM [B]: keys each row may see
+    q_ref,  # [K, R, H]
+    pos_ref,  # [R, LANES] query row positions (-1: padding), broadcast over lanes
+    k_ref,  # [BLOCK, K, H] key block i of row b
+    v_ref,  # [BLOCK, K, H]
+    o_ref,  # [K, R, H] out
+    m_sc,  # [K, R, LANES] running max, broadcast over lanes
+    l_sc,  # [K, R, LANES] running sum of exp
+    acc_sc,  # [K, R, H] running output, fp32
+    *,
+    scale: float,
+    block: int,
+    s_len: int,
+):
+    b, i = pl.program_id(0), pl.program_id(1)
+    kv, rows = q_ref.shape[:2]
+
+    @pl.when(i == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    @pl.when(i * block < n_ref[b])
+    def _attend():
+        key = i * block + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)  # [1, BLOCK]
+        visible = (key <= pos_ref[:, :1]) & (key < s_len)  # [R, BLOCK]
+        in_cache = i * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0) < s_len
+        precision = jax.lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
+        for x in range(kv):  # static: K is 4 at the 27B
+            q = q_ref[x]  # [R, H]
+            k = k_ref[:, x, :]  # [BLOCK, H]
+            v = jnp.where(in_cache, v_ref[:, x, :], 0)  # the edge block's tail
+            s = jax.lax.dot_general(
+                q, k, (((1,), (1,)), ((), ())), precision=precision,
+                preferred_element_type=jnp.float32,
+            )  # fmt: skip
+            s = jnp.where(visible, s * scale, -jnp.inf)
+            m_prev = m_sc[x][:, :1]  # [R, 1]
+            m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no key yet: no NaN
+            alpha = jnp.exp(m_prev - m_safe)
+            p = jnp.exp(s - m_safe)
+            total = alpha * l_sc[x][:, :1] + jnp.sum(p, axis=1, keepdims=True)
+            pv = jax.lax.dot_general(
+                p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                preferred_element_type=jnp.float32,
+            )  # fmt: skip
+            acc_sc[x] = alpha * acc_sc[x] + pv
+            m_sc[x] = jnp.broadcast_to(m_new, (rows, LANES))
+            l_sc[x] = jnp.broadcast_to(total, (rows, LANES))
+
+    @pl.when(i == pl.num_programs(1) - 1)
+    def _write():
+        for x in range(kv):
+            total = l_sc[x][:, :1]
+            out = acc_sc[x] / jnp.where(total > 0, total, 1.0)
+            o_ref[x] = jnp.where(total > 0, out, 0.0).astype(o_ref.dtype)
+
+
+def decode_attention_pallas_tpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_positions: jax.Array,
+    scale: float,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """q `[B, T, N, H]` at `q_positions [B, T]` over the cache k, v `[B, S, K, H]` whose slot s
+    holds position s; causal. Returns `[B, T, N, H]` in v's dtype."""
+    if not supports(q.shape, k.shape):
+        raise ValueError(
+            f"decode attention kernel: needs T x G <= {MAX_ROWS}; got q {q.shape}, cache {k.shape}"
+        )
+    b, t, n, h = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    g = n // kv
+    rows = -(-t * g // 8) * 8
+    block = _block(s)
+    blocks = -(-s // block)
+
+    qr, pos, n_keys = to_rows(q, q_positions, kv, s, rows)  # [B, K, R, H], [B, R], [B]
+    pos = jnp.broadcast_to(pos[:, :, None], (b, rows, LANES))
+
+    def kv_block(r, i, n_ref):  # past the row's last block: the same block, so no new DMA
+        # lax.div (truncating, the same on n >= 0): Mosaic lowers jnp's floor division by
+        # asking for the TPU of the default device, which fails compiling from a CPU host.
+        last = jnp.maximum(jax.lax.div(n_ref[r] + block - 1, block) - 1, 0)
+        return r, jnp.minimum(i, last), 0, 0
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(b, blocks),
+        in_specs=[
+            pl.BlockSpec((None, kv, rows, h), lambda r, i, n_ref: (r, 0, 0, 0)),
+            pl.BlockSpec((None, rows, LANES), lambda r, i, n_ref: (r, 0, 0)),
+            pl.BlockSpec((None, block, kv, h), kv_block),
+            pl.BlockSpec((None, block, kv, h), kv_block),
+        ],
+        out_specs=pl.BlockSpec((None, kv, rows, h), lambda r, i, n_ref: (r, 0, 0, 0)),
+        scratch_shapes=[
+            pltpu.VMEM((kv, rows, LANES), jnp.float32),
+            pltpu.VMEM((kv, rows, LANES), jnp.float32),
+            pltpu.VMEM((kv, rows, h), jnp.float32),
+        ],
+    )
+    kernel = functools.partial(_kernel, scale=scale, block=block, s_len=s)
+
+    def call(mode: str, *args):
+        return pl.pallas_call(
+            kernel,
+            grid_spec=grid_spec,
+            out_shape=jax.ShapeDtypeStruct((b, kv, rows, h), v.dtype),
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+            interpret={"mosaic": False, "hlo": True, "tpu": pltpu.InterpretParams()}[mode],
+            name="decode_attention_mosaic",
+        )(*args)
+
+    args = (n_keys, qr, pos, k, v)
+    if interpret is None:
+        out = jax.lax.platform_dependent(
+            *args, tpu=functools.partial(call, "mosaic"), default=functools.partial(call, "hlo")
+        )
+    else:
+        out = call("tpu" if interpret else "mosaic", *args)
+    return from_rows(out, t, n)
