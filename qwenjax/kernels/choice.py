@@ -68,8 +68,8 @@ class KernelChoice:
         """Within the block, `backend="auto"` means this choice and nothing else: pins of an
         enclosing block are lifted too (a program traced here is this choice's alone)."""
         stacks = (
-            (_gdn_api._override, self.gated_delta_rule),
-            (_attention_api._override, self.attention),
+            (_gdn_api._pins.names, self.gated_delta_rule),
+            (_attention_api._pins.names, self.attention),
         )
         saved = [list(stack) for stack, _ in stacks]
         for stack, value in stacks:
@@ -83,7 +83,7 @@ class KernelChoice:
 
 def current() -> KernelChoice:
     """The pins in force now: what `backend="auto"` means for a program traced at this point."""
-    top = lambda stack: stack[-1] if stack else "auto"
     return KernelChoice(
-        gated_delta_rule=top(_gdn_api._override), attention=top(_attention_api._override)
+        gated_delta_rule=_gdn_api._pins.top() or "auto",
+        attention=_attention_api._pins.top() or "auto",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import jax
@@ -9,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwenjax.kernels.attention import api as attention_api
-from qwenjax.kernels.choice import KernelChoice
+from qwenjax.kernels.choice import KernelChoice, current
 from qwenjax.kernels.gated_delta_rule import api as gdn_api
 from qwenjax.runconfig import RunConfigError, load_run_config
 
@@ -39,10 +39,22 @@ def test_pinned_choice_is_what_auto_runs_inside_the_block(monkeypatch):
         run()
     with KernelChoice(gated_delta_rule="pallas_tpu", attention="splash").pinned():
         run()
-        assert attention_api._override == ["splash"]
+        assert current() == KernelChoice(gated_delta_rule="pallas_tpu", attention="splash")
     run()
     assert called == ["chunked", "chunked", "pallas_tpu", "chunked"]  # auto is chunked on CPU
-    assert attention_api._override == []
+    assert current() == KernelChoice()
+
+
+def test_pins_are_per_thread():
+    """A pin set on one thread never reaches a trace on another (the serving scheduler traces on
+    its own thread, under the pins its graph was built with)."""
+    seen = []
+    with KernelChoice(attention="xla").pinned():
+        thread = threading.Thread(target=lambda: seen.append(current()))
+        thread.start()
+        thread.join()
+        assert current() == KernelChoice(attention="xla")
+    assert seen == [KernelChoice()] and current() == KernelChoice()
 
 
 def test_unknown_backends_and_other_platforms_kernels_are_refused():

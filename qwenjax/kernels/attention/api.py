@@ -46,6 +46,7 @@ from qwenjax.kernels.attention.blockwise import attention_blockwise
 from qwenjax.kernels.attention.pallas_gpu import pallas_gpu_attention
 from qwenjax.kernels.attention.reference import attention_mask, attention_reference
 from qwenjax.kernels.attention.splash import BlockSizes, splash_attention
+from qwenjax.kernels.pins import PinStack
 
 BACKENDS = ("xla", "chunked", "cudnn", "splash", "pallas_gpu", "pallas_tpu")
 FUSED = ("cudnn", "splash", "pallas_gpu")  # causal self attention at positions 0..T-1 only
@@ -53,7 +54,7 @@ CACHE_BACKENDS = ("xla", "chunked", "pallas_gpu", "pallas_tpu")  # what cache_at
 _CACHE_KERNELS = {"pallas_gpu": decode_pallas_gpu, "pallas_tpu": decode_pallas_tpu}
 CHUNKED_MIN_ELEMENTS = 8192 * 8192  # the reference holds T * S logits per head
 SPLASH_AUTO_HEAD_DIM = 128  # "auto" takes splash only for head dims that are multiples of this
-_override: list[str] = []
+_pins = PinStack()
 
 
 @contextlib.contextmanager
@@ -62,11 +63,8 @@ def auto_backend(name: str) -> Iterator[None]:
     attention layers on the interpreted splash kernel in tests, or to pin one in a benchmark."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
-    _override.append(name)
-    try:
+    with _pins.pushed(name):
         yield
-    finally:
-        _override.pop()
 
 
 def _cudnn(q, k, v, q_segment_ids, kv_segment_ids, scale):
@@ -138,7 +136,7 @@ def attention(
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fused_ok = positions_in_order and causal and q.shape[1] == k.shape[1]
-    pin = _override[-1] if _override else None
+    pin = _pins.top()
     if backend == "auto" and ((fused_ok and pin in FUSED) or pin in ("xla", "chunked")):
         backend = pin  # a pinned fused backend where it can run, else plain "auto"
     if backend == "pallas_tpu":
@@ -200,8 +198,8 @@ def cache_attention(
         raise ValueError(
             f"cache attention backend {backend!r}: choose from auto, {', '.join(CACHE_BACKENDS)}"
         )
-    if backend == "auto" and _override and _override[-1] in CACHE_BACKENDS:
-        backend = _override[-1]
+    if backend == "auto" and _pins.top() in CACHE_BACKENDS:
+        backend = _pins.top()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     kernel = _CACHE_KERNELS.get(backend)
     if kernel is not None and kernel.supports(q.shape, k.shape):

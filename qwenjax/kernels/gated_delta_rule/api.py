@@ -24,6 +24,7 @@ from qwenjax.kernels.gated_delta_rule.reference import (
     prepare_qk,
 )
 from qwenjax.kernels.gated_delta_rule.xla import gated_delta_rule_chunked
+from qwenjax.kernels.pins import PinStack
 
 _BACKENDS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
     "reference": gated_delta_rule_reference,
@@ -40,7 +41,7 @@ _AUTO = {"gpu": "pallas_gpu"}
 # larger [dk, BV] state tiles and [C, dk] operand tiles per program, which may not fit shared
 # memory; "auto" falls back to the pure-JAX path there rather than fail to compile.
 PALLAS_GPU_MAX_HEAD_DIM = 128
-_override: list[str] = []
+_pins = PinStack()
 
 
 @contextlib.contextmanager
@@ -51,18 +52,15 @@ def auto_backend(name: str) -> Iterator[None]:
         raise ValueError(
             f"unknown gated delta rule backend {name!r}; valid: {', '.join(_BACKENDS)}"
         )
-    _override.append(name)
-    try:
+    with _pins.pushed(name):
         yield
-    finally:
-        _override.pop()
 
 
 def _resolve(backend: str, head_dims: tuple[int, int]) -> str:
     if backend != "auto":
         return backend
-    if _override:
-        return _override[-1]
+    if _pins.top():
+        return _pins.top()
     name = _AUTO.get(jax.default_backend(), "chunked")
     if name == "pallas_gpu" and max(head_dims) > PALLAS_GPU_MAX_HEAD_DIM:
         return "chunked"
