@@ -8,15 +8,17 @@ Random weights (the shapes are what matter for speed; a 27B bf16 model fits one 
 `--checkpoint DIR` for trained ones (e.g. the demo's, where the MTP head has learned). Each
 configuration compiles once, then runs `--repeats` times; the median is reported. The decode
 roofline is the time to stream the weights once per step at `--bandwidth` GB/s: batch-1 decode
-cannot beat it, so `roofline tok/s = bandwidth / weight bytes` (× batch). Speculative rows also
-report the acceptance rate, which on random weights is near zero; a trained MTP head accepts far
-more, so only the plain rows say anything about kernels here.
+cannot beat it, so `roofline tok/s = bandwidth / weight bytes` (× batch). `--attention-kernels
+auto pallas_gpu` times decode attention backends side by side, each in its own engine.
+Speculative rows also report the acceptance rate, which on random weights is near zero; a
+trained MTP head accepts far more, so only the plain rows say anything about kernels here.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import statistics
 import sys
@@ -31,6 +33,7 @@ from qwenjax.checkpoint import load
 from qwenjax.config import ModelConfig
 from qwenjax.inference.engine import Engine
 from qwenjax.inference.sampling import SamplingParams
+from qwenjax.kernels.choice import attention_flag
 
 # HBM bandwidth (GB/s) by device kind, for the roofline column when --bandwidth is not given.
 BANDWIDTH = {"H100": 3350.0, "H200": 4800.0, "TPU v5p": 2765.0, "TPU v6e": 1640.0}
@@ -52,7 +55,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         config = ModelConfig.from_preset(args.model)
         model = jax.jit(lambda: build(config, dtype=dtype, param_dtype=dtype, seed=0))()
     weights = param_count(model, include_mtp=False) * dtype.itemsize
-    engine = Engine(model)
+    engines = {}
+    for name in args.attention_kernels:  # each engine keeps the pin it is built under
+        with attention_flag(name, jax.default_backend()).pinned():
+            engines[name] = Engine(model)
     device = jax.devices()[0]
     bandwidth = _bandwidth(device, args.bandwidth)
     rng = np.random.default_rng(0)
@@ -60,7 +66,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for batch in args.batch:
         prompts = rng.integers(0, config.vocab_size, (batch, args.prompt_len)).tolist()
         params = [SamplingParams(temperature=0.0)] * batch
-        for k in args.speculative_tokens:
+        for k, (kernel, engine) in itertools.product(args.speculative_tokens, engines.items()):
             kw = dict(max_new_tokens=args.new_tokens, num_speculative_tokens=k)
             prefill, decode, accept = [], [], None
             for i in range(args.repeats + 1):  # the first run compiles
@@ -85,6 +91,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "prompt_len": args.prompt_len,
                 "new_tokens": args.new_tokens,
                 "speculative_tokens": k,
+                "attention_kernel": kernel,
                 "prefill_s": statistics.median(prefill),
                 "prefill_tok_s": batch * args.prompt_len / statistics.median(prefill),
                 "decode_s": statistics.median(decode),
@@ -99,7 +106,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             results.append(row)
             roof = row["roofline_decode_tok_s"]
             print(
-                f"batch {batch:3d}  k={k}  prefill {row['prefill_tok_s']:10.1f} tok/s  "
+                f"batch {batch:3d}  k={k}  {kernel:10s}  "
+                f"prefill {row['prefill_tok_s']:10.1f} tok/s  "
                 f"decode {row['decode_tok_s']:9.1f} tok/s"
                 + (f"  (roofline {roof:.1f})" if roof else "")
                 + (f"  accept {accept:.2f}" if accept is not None else ""),
@@ -118,6 +126,9 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--speculative-tokens", type=int, nargs="+", default=[0, 2])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--attention-kernels", nargs="+", default=["auto"],
+                   choices=["auto", "xla", "chunked", "pallas_gpu", "pallas_tpu"],
+                   help="decode attention backends to time, each in its own engine")  # fmt: skip
     p.add_argument("--bandwidth", type=float, default=None, help="GB/s for the roofline")
     p.add_argument("--out", default=None, help="append JSON lines here")
     args = p.parse_args(argv)

@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_session.sh            # on the device machine, repository root
 #   STEPS="gdn decode" bash benchmarks/gpu_session.sh
-#   STEPS=decode_attention bash benchmarks/gpu_session.sh  # xla vs the Pallas decode kernel
+#   STEPS="decode_attention generate_kernel" bash benchmarks/gpu_session.sh  # xla vs the decode kernel
 #   STEPS="generate serve" bash benchmarks/gpu_session.sh   # issue 7: 27B with random weights
 #   STEPS=scheduler bash benchmarks/gpu_session.sh          # the serving loop: overlap vs serial
 #   STEPS=serve SERVE_PRESET=tiny SERVE_REQUESTS=8 OUT=/tmp/x bash benchmarks/gpu_session.sh  # CPU dry run
@@ -53,6 +53,12 @@ for step in $STEPS; do
     generate) cmd=(python benchmarks/generate.py --model qwen3.6-27b --dtype bfloat16 --batch 1 32
                    --prompt-len 512 --new-tokens 128 --speculative-tokens 0 2 --repeats 2)
               outflag=(--out "$OUT/$(date -u +%Y-%m-%dT%H%MZ)_generate_27b.jsonl") ; limit=300 ;;
+    # The 27B's decode with the xla cache attention and with the Pallas decode kernel, one run.
+    generate_kernel) cmd=(python benchmarks/generate.py --model qwen3.6-27b --dtype bfloat16
+                          --batch 32 --prompt-len 2048 --new-tokens 128 --speculative-tokens 0
+                          --repeats 2 --attention-kernels auto pallas_gpu)
+                     outflag=(--out "$OUT/$(date -u +%Y-%m-%dT%H%MZ)_generate_kernel_27b.jsonl")
+                     limit=300 ;;
     # Two schedulers of 16 slots x 2048 tokens (KV 2 GiB + GDN state 2.3 GiB each) beside 54 GB.
     scheduler) cmd=(python -m benchmarks.scheduler_loop --model qwen3.6-27b --dtype bfloat16
                     --slots 16 --max-length 2048 --prompt-len 512 --new-tokens 128 --repeats 3)

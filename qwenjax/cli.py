@@ -92,11 +92,6 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests get on SIGTERM (default 30)")  # fmt: skip
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
-    p.add_argument("--attention-kernel", default="auto",
-                   choices=["auto", "xla", "chunked", "pallas_gpu", "pallas_tpu"],
-                   help="attention over the KV cache while decoding: pallas_gpu / pallas_tpu "
-                        "read only each request's own keys (not yet timed, so auto keeps "
-                        "xla)")  # fmt: skip
     p.add_argument("--max-pixels", type=int, default=None,
                    help="images: resize each to at most this many pixels (default: the "
                         "checkpoint's preprocessor_config.json)")  # fmt: skip
@@ -125,6 +120,11 @@ def _add_model_args(p: argparse.ArgumentParser, random_weights: bool = False) ->
                    help="sharding rules on --mesh")  # fmt: skip
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="draft K tokens per step with the MTP head (0: off)")  # fmt: skip
+    p.add_argument("--attention-kernel", default="auto",
+                   choices=["auto", "xla", "chunked", "pallas_gpu", "pallas_tpu"],
+                   help="attention over the KV cache while decoding: pallas_gpu / pallas_tpu "
+                        "read only each request's own keys (not yet timed, so auto keeps "
+                        "xla)")  # fmt: skip
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -78,13 +78,19 @@ def _batch_split(mesh) -> int:
 
 
 def _load_engine(args: argparse.Namespace, mesh, rules, *, vision: bool = False):
-    """Load the checkpoint (with its vision tower for `vision`) and wrap it in an `Engine`."""
+    """Load the checkpoint (with its vision tower for `vision`) and wrap it in an `Engine`
+    (which keeps the `--attention-kernel` pin it is built under)."""
+    import jax
+
     from qwenjax.checkpoint import load
     from qwenjax.inference.engine import Engine
+    from qwenjax.kernels.choice import attention_flag
 
+    kernels = attention_flag(getattr(args, "attention_kernel", "auto"), jax.default_backend())
     print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
     model = load(args.checkpoint, dtype=args.dtype, mesh=mesh, rules=rules, vision=vision)
-    return Engine(model, mesh=mesh, rules=rules)
+    with kernels.pinned():
+        return Engine(model, mesh=mesh, rules=rules)
 
 
 def _processor(args: argparse.Namespace):

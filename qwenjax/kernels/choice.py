@@ -87,3 +87,13 @@ def current() -> KernelChoice:
         gated_delta_rule=_gdn_api._pins.top() or "auto",
         attention=_attention_api._pins.top() or "auto",
     )
+
+
+def attention_flag(name: str, platform: str) -> KernelChoice:
+    """`--attention-kernel NAME` (generate, chat, serve) as a choice checked for `platform`."""
+    choice = KernelChoice(attention=name)
+    try:
+        choice.check_platform(platform)
+    except ValueError as e:
+        raise ValueError(f"--attention-kernel: {e}") from None
+    return choice

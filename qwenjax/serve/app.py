@@ -207,7 +207,7 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
     import uvicorn
 
     from qwenjax.checkpoint import load
-    from qwenjax.kernels.choice import KernelChoice
+    from qwenjax.kernels.choice import attention_flag
     from qwenjax.serve.scheduler import Scheduler
     from qwenjax.tokenizer import Tokenizer
     from qwenjax.vision.model import Qwen35VL
@@ -223,11 +223,7 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.speculative_tokens < 0:
         raise ValueError("--speculative-tokens must be >= 0")
-    kernels = KernelChoice(attention=getattr(args, "attention_kernel", "auto"))
-    try:
-        kernels.check_platform(jax.default_backend())
-    except ValueError as e:
-        raise ValueError(f"--attention-kernel: {e}") from None
+    kernels = attention_flag(getattr(args, "attention_kernel", "auto"), jax.default_backend())
     split = sharding.batch_split(mesh, rules)
     if args.slots % split:  # before loading: the scheduler would refuse it after
         raise ValueError(

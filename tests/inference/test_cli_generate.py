@@ -215,6 +215,10 @@ def test_errors(ckpt, tmp_path, capsys):
         capsys, "generate", "--checkpoint", ckpt, "--prompt", "x", "--temperature", "5"
     )
     assert "does not exist" in cli_error(capsys, "chat", "--checkpoint", str(tmp_path / "nope"))
+    assert "--attention-kernel: kernels.attention=pallas_gpu is a GPU kernel" in cli_error(
+        capsys, "generate", "--checkpoint", ckpt, "--prompt", "x", "--attention-kernel",
+        "pallas_gpu",
+    )  # fmt: skip
     assert "--mesh takes axis=size pairs" in cli_error(
         capsys, "generate", "--checkpoint", ckpt, "--prompt", "x", "--mesh", "fsdp=2,pipe=2"
     )
