@@ -1,7 +1,8 @@
 """Attention over a KV cache (`cache_attention`) and its Pallas decode kernels, GPU (Triton) and
 TPU (Mosaic): interpreted on CPU vs a float64 oracle, rows independent of their batch, blocks
 past a row's keys never read, the dispatch, the tiny model's decode and the serving scheduler on
-them, and compiles for an H100 and for v5p / v6e at the 27B decode geometry.
+them (also on a tensor-parallel mesh), and compiles for an H100 and for v5p / v6e at the 27B
+decode geometry.
 
 Cases: GQA 6:2 (G = 3), one query a row (decoding) and three (speculative verification at
 consecutive positions), caches whose length is not a multiple of the block (GPU: 64 keys, the
@@ -20,6 +21,8 @@ import numpy as np
 import pytest
 
 import qwenjax
+from qwenjax import sharding
+from qwenjax.api import build_sharded
 from qwenjax.inference.engine import generate
 from qwenjax.inference.sampling import SamplingParams
 from qwenjax.kernels.attention import (
@@ -241,3 +244,29 @@ def test_compiles_for_tpu_at_27b_decode_geometry(topology, t):
     report = compile_report(COMPILE, topology, t, "pallas_tpu")
     assert report["kernels"] == ["mosaic"], report
     assert report["temp_bytes"] < 2**24, report
+
+
+def test_scheduler_on_a_tensor_parallel_mesh_with_the_tpu_kernel():
+    """On 8 CPU devices as fsdp 4 x tensor 2 (heads split: one kv head a device, the kernel
+    inside `shard_map`), the scheduler with the TPU kernel (interpreted) and MTP speculation
+    gives single-device offline `generate`'s greedy tokens."""
+    config = qwenjax.ModelConfig.from_preset("tiny")
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (21, 4, 37, 9, 15, 30)]
+    expected = generate(qwenjax.build(config, dtype=jnp.float32, seed=4), prompts, 8)
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=4, tensor=2))
+    rules = sharding.RULES["fsdp_tp"]
+    model = build_sharded(config, mesh, rules, dtype=jnp.float32, seed=4)
+    with auto_backend("pallas_tpu"):
+        scheduler = Scheduler(
+            model, slots=4, max_length=96, prefill_chunk=16, num_speculative_tokens=2,
+            mesh=mesh, rules=rules,
+        )  # fmt: skip
+    scheduler.start()
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=8)
+        handles = [scheduler.submit(p, params) for p in prompts]
+        for i, handle in enumerate(handles):
+            assert [t for e in handle for t in e.token_ids] == expected[i].tolist(), f"request {i}"
+    finally:
+        scheduler.stop()
