@@ -75,11 +75,17 @@ def _batches(items: Iterable[tuple[Any, int]], limit: int) -> Iterator[list[Any]
         yield batch
 
 
+def _params_dir(directory: str | os.PathLike) -> Path:
+    """`DIR/params`, absolute: orbax refuses a relative path, and its metadata read does so
+    with only a logged warning, returning an empty tree (every parameter then "not found")."""
+    return Path(directory).absolute() / PARAMS
+
+
 class ParamWriter:
     """Adds parameters to `DIR/params` one at a time; `close()` finalizes the orbax checkpoint."""
 
     def __init__(self, directory: str | os.PathLike, batch_bytes: int | None = None):
-        self.path = Path(directory) / PARAMS
+        self.path = _params_dir(directory)
         self.batch_bytes = BATCH_BYTES if batch_bytes is None else batch_bytes
         self._batch: dict[ParamPath, np.ndarray] = {}
         self._size = 0
@@ -140,12 +146,14 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def _metadata_tree(directory: str | os.PathLike) -> Any:
+    path = _params_dir(directory)
     try:
-        return ocp.metadata(Path(directory) / PARAMS).metadata
+        tree = ocp.metadata(path).metadata
     except Exception as e:  # orbax raises several types for a missing or damaged tree
-        raise CheckpointError(
-            f"{Path(directory) / PARAMS}: cannot read the orbax tree ({e})"
-        ) from e
+        raise CheckpointError(f"{path}: cannot read the orbax tree ({e})") from e
+    if tree is None:  # orbax logs why and returns nothing
+        raise CheckpointError(f"{path}: cannot read the orbax tree (no metadata)")
+    return tree
 
 
 def leaf_info(
@@ -172,7 +180,7 @@ def iter_leaves(
         wanted = {index[_str_path(p)] for p in batch}
         abstract = [m if i in wanted else ocp.PLACEHOLDER for i, (_, m) in enumerate(flat)]
         loaded = jax.tree_util.tree_leaves(
-            ocp.load(Path(directory) / PARAMS, jax.tree_util.tree_unflatten(treedef, abstract)),
+            ocp.load(_params_dir(directory), jax.tree_util.tree_unflatten(treedef, abstract)),
             is_leaf=lambda x: x is ocp.PLACEHOLDER,
         )
         arrays = {keys[i]: np.asarray(a) for i, a in enumerate(loaded) if i in wanted}

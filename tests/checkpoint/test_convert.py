@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,17 @@ def test_load_hf_equals_load_converted(hf_source, converted, layout, dtype):
     # dtype=None keeps the checkpoint's dtypes.
     assert from_hf[("embed_tokens",)].dtype == jnp.dtype(dtype)
     assert from_hf[("mtp", "fc")].dtype == jnp.dtype(dtype)
+
+
+def test_relative_paths_write_and_load(hf_source, tmp_path, monkeypatch):
+    """Conversion to and loading from a path relative to the working directory (the README's
+    `qwenjax demo --run-dir runs/demo`): orbax takes only absolute paths, and its metadata read
+    used to return an empty tree for a relative one, so every parameter was "not found"."""
+    _, src = hf_source("text", "float32")
+    monkeypatch.chdir(tmp_path)
+    ours = convert(src, Path("runs") / "ours", progress=False)
+    assert not Path(ours).is_absolute()
+    assert_same_params(params(load(src)), params(load(Path("runs") / "ours")))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
