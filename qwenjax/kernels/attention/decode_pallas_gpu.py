@@ -37,12 +37,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from qwenjax.kernels.attention.decode_rows import from_rows, to_rows
+from qwenjax.kernels.attention.decode_common import MAX_ROWS, attend_block, from_rows, to_rows
 from qwenjax.kernels.platform import triton_or_interpreted
 
 BLOCK = 64  # keys a loop step: K and V blocks of 64 x 256 bf16, 64 KB with two pipeline stages
 SPLIT = 1024  # keys a program: splits spread a short batch over the SMs
-MAX_ROWS = 128  # T x G query rows a program holds at most; longer calls take the xla path
 
 
 def supports(q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> bool:
@@ -61,12 +60,6 @@ def _block(s: int) -> int:
     return min(BLOCK, 1 << (s.bit_length() - 1))  # at most S, so a clamped block stays in bounds
 
 
-def _dot(a, b, *, trans_b: bool = False):
-    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None  # not tf32
-    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-
-
 def _split_kernel(
     n_ref,  # [1] keys row b may see: 1 + its last query's position
     pos_ref,  # [R] each query row's position (-1: a padding row)
@@ -74,8 +67,8 @@ def _split_kernel(
     k_ref,  # [S, H] kv head k of row b
     v_ref,  # [S, H]
     o_ref,  # [R, H] out: unnormalised output of split j, fp32
-    m_ref,  # [R] out: running max
-    l_ref,  # [R] out: running sum of exp
+    m_ref,  # [R, 1] out: running max
+    l_ref,  # [R, 1] out: running sum of exp
     *,
     scale: float,
     block: int,
@@ -89,28 +82,20 @@ def _split_kernel(
     cols = jnp.arange(block)
 
     def step(i, carry):
-        o, m, den = carry
         start = jnp.minimum(i * block, s_len - block)
         idx = start + cols  # [BLOCK] cache slots read
         visible = (idx[None, :] <= pos[:, None]) & (idx[None, :] >= i * block)
         k = k_ref[pl.ds(start, block), :]
         v = v_ref[pl.ds(start, block), :]
-        s = jnp.where(visible, _dot(q, k, trans_b=True) * scale, -jnp.inf)  # [R, BLOCK]
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no key yet: exp(-inf) = 0, no NaN
-        alpha = jnp.exp(m - m_safe)
-        p = jnp.exp(s - m_safe[:, None])
-        den = alpha * den + p.sum(axis=-1)
-        o = alpha[:, None] * o + _dot(p.astype(v.dtype), v)
-        return o, m_new, den
+        return attend_block(q, k, v, visible, scale, *carry)
 
     rows, h = q_ref.shape
     init = (
+        jnp.full((rows, 1), -jnp.inf, jnp.float32),
+        jnp.zeros((rows, 1), jnp.float32),
         jnp.zeros((rows, h), jnp.float32),
-        jnp.full((rows,), -jnp.inf, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
     )
-    o, m, den = jax.lax.fori_loop(first, jnp.maximum(first, last), step, init)
+    m, den, o = jax.lax.fori_loop(first, jnp.maximum(first, last), step, init)
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = den
@@ -154,13 +139,13 @@ def decode_attention_pallas_gpu(
     ]
     out_specs = [
         pl.BlockSpec((None, None, None, rows, h), lambda i, x, j: (i, x, j, 0, 0)),
-        pl.BlockSpec((None, None, None, rows), lambda i, x, j: (i, x, j, 0)),
-        pl.BlockSpec((None, None, None, rows), lambda i, x, j: (i, x, j, 0)),
+        pl.BlockSpec((None, None, None, rows, 1), lambda i, x, j: (i, x, j, 0, 0)),
+        pl.BlockSpec((None, None, None, rows, 1), lambda i, x, j: (i, x, j, 0, 0)),
     ]
     out_shape = [
         jax.ShapeDtypeStruct((b, kv, splits, rows, h), jnp.float32),
-        jax.ShapeDtypeStruct((b, kv, splits, rows), jnp.float32),
-        jax.ShapeDtypeStruct((b, kv, splits, rows), jnp.float32),
+        jax.ShapeDtypeStruct((b, kv, splits, rows, 1), jnp.float32),
+        jax.ShapeDtypeStruct((b, kv, splits, rows, 1), jnp.float32),
     ]
     kernel = functools.partial(_split_kernel, scale=scale, block=block, split_blocks=split_blocks)
 
@@ -181,9 +166,9 @@ def decode_attention_pallas_gpu(
 
 
 def _merge(o: jax.Array, m: jax.Array, den: jax.Array) -> jax.Array:
-    """The splits' partial softmaxes `o [B, K, J, R, H]`, `m, den [B, K, J, R]` as one."""
+    """The splits' partial softmaxes `o [B, K, J, R, H]`, `m, den [B, K, J, R, 1]` as one."""
     top = jnp.max(m, axis=2, keepdims=True)
     w = jnp.exp(m - jnp.where(top == -jnp.inf, 0.0, top))  # 0 for a split that saw no key
-    total = jnp.sum(w * den, axis=2)  # [B, K, R]
-    out = jnp.sum(w[..., None] * o, axis=2)  # [B, K, R, H]
-    return jnp.where(total[..., None] > 0, out / jnp.where(total > 0, total, 1.0)[..., None], 0.0)
+    total = jnp.sum(w * den, axis=2)  # [B, K, R, 1]
+    out = jnp.sum(w * o, axis=2)  # [B, K, R, H]
+    return jnp.where(total > 0, out / jnp.where(total > 0, total, 1.0), 0.0)

@@ -38,11 +38,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from qwenjax.kernels.attention.decode_rows import from_rows, to_rows
+from qwenjax.kernels.attention.decode_common import MAX_ROWS, attend_block, from_rows, to_rows
 
 BLOCK = 512  # keys a grid step: K and V blocks of 512 x (4 x 256) bf16, 1 MiB each
 LANES = 128
-MAX_ROWS = 128  # T x G query rows a kv head at most; longer calls take the xla path
 
 
 def supports(q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> bool:
@@ -84,28 +83,13 @@ def _kernel(
         key = i * block + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)  # [1, BLOCK]
         visible = (key <= pos_ref[:, :1]) & (key < s_len)  # [R, BLOCK]
         in_cache = i * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0) < s_len
-        precision = jax.lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
         for x in range(kv):  # static: K is 4 at the 27B
-            q = q_ref[x]  # [R, H]
-            k = k_ref[:, x, :]  # [BLOCK, H]
             v = jnp.where(in_cache, v_ref[:, x, :], 0)  # the edge block's tail
-            s = jax.lax.dot_general(
-                q, k, (((1,), (1,)), ((), ())), precision=precision,
-                preferred_element_type=jnp.float32,
+            m, total, acc_sc[x] = attend_block(
+                q_ref[x], k_ref[:, x, :], v, visible, scale,
+                m_sc[x][:, :1], l_sc[x][:, :1], acc_sc[x],
             )  # fmt: skip
-            s = jnp.where(visible, s * scale, -jnp.inf)
-            m_prev = m_sc[x][:, :1]  # [R, 1]
-            m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no key yet: no NaN
-            alpha = jnp.exp(m_prev - m_safe)
-            p = jnp.exp(s - m_safe)
-            total = alpha * l_sc[x][:, :1] + jnp.sum(p, axis=1, keepdims=True)
-            pv = jax.lax.dot_general(
-                p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
-                preferred_element_type=jnp.float32,
-            )  # fmt: skip
-            acc_sc[x] = alpha * acc_sc[x] + pv
-            m_sc[x] = jnp.broadcast_to(m_new, (rows, LANES))
+            m_sc[x] = jnp.broadcast_to(m, (rows, LANES))
             l_sc[x] = jnp.broadcast_to(total, (rows, LANES))
 
     @pl.when(i == pl.num_programs(1) - 1)
