@@ -1,7 +1,7 @@
-"""Gated DeltaNet decode step: is the jnp path at the memory roofline, or would a kernel pay?
+"""Gated DeltaNet decode step: the jnp path against the memory roofline and the decode kernel.
 
     python -m benchmarks.decode_step                          # 27B layer, B = 1 8 32 64
-    python -m benchmarks.decode_step --batch 1 4 --tokens 1   # a quick CPU run
+    python -m benchmarks.decode_step --batch 1 4 --tokens 1   # a quick CPU run (no kernel)
 
 A script, not a test. Decoding one token through a GatedDeltaNet layer reads and writes the fp32
 recurrent state [B, Hv, dk, dv] (3 MiB per row at the 27B geometry, 48 layers), which at batch
@@ -10,7 +10,13 @@ it once and write it once, so `2 * state bytes / copy bandwidth` is the floor a 
 could reach; this script measures how far the jnp step (`gated_delta_step`, the state donated so
 it updates in place) is from that floor, beside the literal order of the equations (four reads,
 two writes: the baseline the current arrangement replaced). For `--tokens` T > 1 (speculative
-verification of T - 1 drafts) the model runs the token-serial path, timed per call.
+verification of T - 1 drafts) the jnp path is the token-serial scan, timed per call.
+
+On a GPU or TPU the platform's Pallas decode kernel (`gated_delta_decode`, backend
+"pallas_gpu" / "pallas_tpu": the state read once and written once for all T tokens) is timed in
+the same run, after a check against the jnp path; on a GPU for each `--block-v` (the value
+columns a Triton program holds). `--kernel` forces one elsewhere (interpreted: a dry run whose
+times mean nothing).
 
 Columns: ms per call (median of `--repeats` after warm-up), achieved GB/s of the
 read-once-write-once traffic, its fraction of the measured copy peak, and the number of fusions
@@ -29,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import measure_peaks, utc_stamp, write_results
-from qwenjax.kernels.gated_delta_rule import gated_delta_rule, gated_delta_step
+from qwenjax.kernels.gated_delta_rule import decode_pallas_gpu, gated_delta_decode
 
 HK, HV, D = 16, 48, 128  # the 27B GatedDeltaNet layer
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -47,14 +53,43 @@ def literal_step(q, k, v, g, beta, state):
     return o.reshape(b, HV, D), s.reshape(state.shape)
 
 
-def qwenjax_step(q, k, v, g, beta, state):
-    return gated_delta_step(q, k, v, g, beta, state, use_qk_l2norm=False)
+def jnp_path(q, k, v, g, beta, state):
+    """`gated_delta_decode` on "xla": `[B, ...]` one token, `[B, T, ...]` the serial scan."""
+    one = q.ndim == 3
+    if one:
+        q, k, v, g, beta = (x[:, None] for x in (q, k, v, g, beta))
+    o, state = gated_delta_decode(q, k, v, g, beta, state, use_qk_l2norm=False, backend="xla")
+    return (o[:, 0] if one else o), state
 
 
-def qwenjax_tokens(q, k, v, g, beta, state):
-    return gated_delta_rule(
-        q, k, v, g, beta, initial_state=state, use_qk_l2norm=False, backend="reference"
-    )
+def kernel_path(backend: str, block_v: int | None):
+    def fn(q, k, v, g, beta, state):
+        one = q.ndim == 3
+        if one:
+            q, k, v, g, beta = (x[:, None] for x in (q, k, v, g, beta))
+        if block_v is None:
+            o, state = gated_delta_decode(
+                q, k, v, g, beta, state, use_qk_l2norm=False, backend=backend
+            )
+        else:  # q, k as the kernel takes them: fp32, scaled
+            q, k = (x.astype(jnp.float32) for x in (q * D**-0.5, k))
+            o, state = decode_pallas_gpu.gated_delta_decode_pallas_gpu(
+                q, k, v, g, beta, state, block_v=block_v
+            )
+        return (o[:, 0] if one else o), state
+
+    return fn
+
+
+def check(fn, xs, state) -> float:
+    """max |kernel - jnp| / max |jnp| over the output and new state, in fp32."""
+    want = jax.jit(jnp_path)(*xs, state)
+    got = jax.jit(fn)(*xs, state)
+    errs = [
+        float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) / jnp.max(jnp.abs(b)))
+        for a, b in zip(got, want, strict=True)
+    ]
+    return max(errs)
 
 
 def inputs(batch: int, tokens: int, dtype) -> tuple:
@@ -90,8 +125,18 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 3], help="1: decode; >1: verify")
     p.add_argument("--dtype", default="bfloat16", help="of q, k, v (the state is fp32)")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--kernel", default=None, choices=["pallas_gpu", "pallas_tpu", "none"],
+                   help="decode kernel to time (default: the platform's; none on CPU)")  # fmt: skip
+    p.add_argument("--block-v", type=int, nargs="+", default=[8, 16, 32],
+                   help="pallas_gpu: value columns a program holds, each timed")  # fmt: skip
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    kernel = args.kernel or {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend())
+    kernels = {}
+    if kernel == "pallas_gpu":
+        kernels = {f"pallas_gpu bv={bv}": kernel_path(kernel, bv) for bv in args.block_v}
+    elif kernel == "pallas_tpu":
+        kernels = {"pallas_tpu": kernel_path(kernel, None)}
     device, stamp = jax.devices()[0], utc_stamp()
     print(f"{device.device_kind}, jax {jax.__version__}, {stamp}", flush=True)
     peaks = measure_peaks(matmul=False)
@@ -101,9 +146,14 @@ def main() -> None:
         for tokens in args.tokens:
             xs, state = inputs(batch, tokens, jnp.dtype(args.dtype))
             floor_bytes = 2 * state.nbytes  # read once, write once, per call
-            impls = {"qwenjax": qwenjax_step} if tokens == 1 else {"qwenjax": qwenjax_tokens}
+            impls = {"jnp": jnp_path}
             if tokens == 1:
                 impls["literal order"] = literal_step
+            for name, fn in kernels.items():
+                err = check(fn, xs, state)
+                if err > 2e-2:  # bf16 outputs; the state itself agrees to ~1e-6
+                    raise SystemExit(f"{name} disagrees with the jnp path: {err:.2e}")
+                impls[name] = fn
             for name, fn in impls.items():
                 seconds, counts = time_step(fn, xs, jnp.copy(state), args.repeats)
                 gbps = floor_bytes / seconds / 1e9

@@ -8,8 +8,9 @@ Random weights (the shapes are what matter for speed; a 27B bf16 model fits one 
 `--checkpoint DIR` for trained ones (e.g. the demo's, where the MTP head has learned). Each
 configuration compiles once, then runs `--repeats` times; the median is reported. The decode
 roofline is the time to stream the weights once per step at `--bandwidth` GB/s: batch-1 decode
-cannot beat it, so `roofline tok/s = bandwidth / weight bytes` (× batch). `--attention-kernels
-auto pallas_gpu` times decode attention backends side by side, each in its own engine.
+cannot beat it, so `roofline tok/s = bandwidth / weight bytes` (× batch). `--kernels auto
+attention=pallas_gpu attention=pallas_gpu,gdn=pallas_gpu` times kernel choices side by side
+(the `--attention-kernel` / `--gdn-kernel` flags of `qwenjax generate`), each in its own engine.
 Speculative rows also report the acceptance rate, which on random weights is near zero; a
 trained MTP head accepts far more, so only the plain rows say anything about kernels here.
 """
@@ -23,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,7 @@ from qwenjax.checkpoint import load
 from qwenjax.config import ModelConfig
 from qwenjax.inference.engine import Engine
 from qwenjax.inference.sampling import SamplingParams
-from qwenjax.kernels.choice import attention_flag
+from qwenjax.kernels.choice import kernel_flags
 
 # HBM bandwidth (GB/s) by device kind, for the roofline column when --bandwidth is not given.
 BANDWIDTH = {"H100": 3350.0, "H200": 4800.0, "TPU v5p": 2765.0, "TPU v6e": 1640.0}
@@ -46,6 +48,17 @@ def _bandwidth(device: jax.Device, given: float | None) -> float | None:
     return next((bw for name, bw in BANDWIDTH.items() if name in kind), None)
 
 
+def _kernel_spec(spec: str) -> types.SimpleNamespace:
+    """ "auto" or "attention=pallas_gpu,gdn=pallas_gpu" as the flags `kernel_flags` reads."""
+    flags = {}
+    for part in [] if spec == "auto" else spec.split(","):
+        key, _, value = part.partition("=")
+        if key not in ("attention", "gdn") or not value:
+            raise SystemExit(f"--kernels {spec!r}: expected auto or attention=NAME,gdn=NAME")
+        flags[f"{key}_kernel"] = value
+    return types.SimpleNamespace(**flags)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     dtype = jnp.dtype(args.dtype)
     if args.checkpoint:  # trained weights: the MTP acceptance rate means something
@@ -56,8 +69,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         model = jax.jit(lambda: build(config, dtype=dtype, param_dtype=dtype, seed=0))()
     weights = param_count(model, include_mtp=False) * dtype.itemsize
     engines = {}
-    for name in args.attention_kernels:  # each engine keeps the pin it is built under
-        with attention_flag(name, jax.default_backend()).pinned():
+    for name in args.kernels:  # each engine keeps the pins it is built under
+        with kernel_flags(_kernel_spec(name), jax.default_backend()).pinned():
             engines[name] = Engine(model)
     device = jax.devices()[0]
     bandwidth = _bandwidth(device, args.bandwidth)
@@ -91,7 +104,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "prompt_len": args.prompt_len,
                 "new_tokens": args.new_tokens,
                 "speculative_tokens": k,
-                "attention_kernel": kernel,
+                "kernels": kernel,
                 "prefill_s": statistics.median(prefill),
                 "prefill_tok_s": batch * args.prompt_len / statistics.median(prefill),
                 "decode_s": statistics.median(decode),
@@ -106,7 +119,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             results.append(row)
             roof = row["roofline_decode_tok_s"]
             print(
-                f"batch {batch:3d}  k={k}  {kernel:10s}  "
+                f"batch {batch:3d}  k={k}  {kernel:20s}  "
                 f"prefill {row['prefill_tok_s']:10.1f} tok/s  "
                 f"decode {row['decode_tok_s']:9.1f} tok/s"
                 + (f"  (roofline {roof:.1f})" if roof else "")
@@ -126,9 +139,10 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--speculative-tokens", type=int, nargs="+", default=[0, 2])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--attention-kernels", nargs="+", default=["auto"],
-                   choices=["auto", "xla", "chunked", "pallas_gpu", "pallas_tpu"],
-                   help="decode attention backends to time, each in its own engine")  # fmt: skip
+    p.add_argument("--kernels", nargs="+", default=["auto"],
+                   help="kernel choices to time, each in its own engine: auto, or "
+                        "attention=NAME,gdn=NAME (qwenjax generate's --attention-kernel and "
+                        "--gdn-kernel)")  # fmt: skip
     p.add_argument("--bandwidth", type=float, default=None, help="GB/s for the roofline")
     p.add_argument("--out", default=None, help="append JSON lines here")
     args = p.parse_args(argv)

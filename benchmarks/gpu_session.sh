@@ -53,10 +53,12 @@ for step in $STEPS; do
     generate) cmd=(python benchmarks/generate.py --model qwen3.6-27b --dtype bfloat16 --batch 1 32
                    --prompt-len 512 --new-tokens 128 --speculative-tokens 0 2 --repeats 2)
               outflag=(--out "$OUT/$(date -u +%Y-%m-%dT%H%MZ)_generate_27b.jsonl") ; limit=300 ;;
-    # The 27B's decode with the xla cache attention and with the Pallas decode kernel, one run.
+    # The 27B's decode on the jnp paths and on the Pallas decode kernels (attention over the
+    # cache, then also the GDN step), one run.
     generate_kernel) cmd=(python benchmarks/generate.py --model qwen3.6-27b --dtype bfloat16
                           --batch 32 --prompt-len 2048 --new-tokens 128 --speculative-tokens 0
-                          --repeats 2 --attention-kernels auto pallas_gpu)
+                          --repeats 2 --kernels auto attention=pallas_gpu
+                          attention=pallas_gpu,gdn=pallas_gpu)
                      outflag=(--out "$OUT/$(date -u +%Y-%m-%dT%H%MZ)_generate_kernel_27b.jsonl")
                      limit=300 ;;
     # Two schedulers of 16 slots x 2048 tokens (KV 2 GiB + GDN state 2.3 GiB each) beside 54 GB.

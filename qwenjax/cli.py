@@ -125,6 +125,11 @@ def _add_model_args(p: argparse.ArgumentParser, random_weights: bool = False) ->
                    help="attention over the KV cache while decoding: pallas_gpu / pallas_tpu "
                         "read only each request's own keys (not yet timed, so auto keeps "
                         "xla)")  # fmt: skip
+    p.add_argument("--gdn-kernel", default="auto",
+                   choices=["auto", "reference", "chunked", "pallas_gpu", "pallas_tpu"],
+                   help="the Gated DeltaNet rule, prefill and decode: pallas_gpu / pallas_tpu "
+                        "also decode and verify drafts in one kernel that reads and writes "
+                        "the recurrent state once (untimed: auto keeps the jnp step)")  # fmt: skip
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:

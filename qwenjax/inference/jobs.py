@@ -79,14 +79,14 @@ def _batch_split(mesh) -> int:
 
 def _load_engine(args: argparse.Namespace, mesh, rules, *, vision: bool = False):
     """Load the checkpoint (with its vision tower for `vision`) and wrap it in an `Engine`
-    (which keeps the `--attention-kernel` pin it is built under)."""
+    (which keeps the `--attention-kernel` / `--gdn-kernel` pins it is built under)."""
     import jax
 
     from qwenjax.checkpoint import load
     from qwenjax.inference.engine import Engine
-    from qwenjax.kernels.choice import attention_flag
+    from qwenjax.kernels.choice import kernel_flags
 
-    kernels = attention_flag(getattr(args, "attention_kernel", "auto"), jax.default_backend())
+    kernels = kernel_flags(args, jax.default_backend())
     print(f"loading {args.checkpoint} ...", file=sys.stderr, flush=True)
     model = load(args.checkpoint, dtype=args.dtype, mesh=mesh, rules=rules, vision=vision)
     with kernels.pinned():

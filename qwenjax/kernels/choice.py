@@ -89,11 +89,18 @@ def current() -> KernelChoice:
     )
 
 
-def attention_flag(name: str, platform: str) -> KernelChoice:
-    """`--attention-kernel NAME` (generate, chat, serve) as a choice checked for `platform`."""
-    choice = KernelChoice(attention=name)
-    try:
-        choice.check_platform(platform)
-    except ValueError as e:
-        raise ValueError(f"--attention-kernel: {e}") from None
-    return choice
+def kernel_flags(args: object, platform: str) -> KernelChoice:
+    """The `--attention-kernel` and `--gdn-kernel` flags of `args` (generate, chat, serve; absent
+    flags mean "auto") as one choice, checked for `platform`; an error names the flag."""
+    attention = getattr(args, "attention_kernel", "auto")
+    gdn = getattr(args, "gdn_kernel", "auto")
+    flags = {
+        "--attention-kernel": KernelChoice(attention=attention),
+        "--gdn-kernel": KernelChoice(gated_delta_rule=gdn),
+    }
+    for flag, choice in flags.items():
+        try:
+            choice.check_platform(platform)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
+    return KernelChoice(gated_delta_rule=gdn, attention=attention)

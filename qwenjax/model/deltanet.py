@@ -25,7 +25,7 @@ from qwenjax.kernels.context_parallel import (
     causal_conv1d_context_parallel,
     gated_delta_rule_context_parallel,
 )
-from qwenjax.kernels.gated_delta_rule import gated_delta_rule, gated_delta_step
+from qwenjax.kernels.gated_delta_rule import gated_delta_decode, gated_delta_rule
 from qwenjax.model.cache import CONV_STATE, GDN_STATE, DeltaNetCache, read_rows
 from qwenjax.model.context import Context
 from qwenjax.model.norms import GatedRMSNorm, upcast
@@ -177,23 +177,20 @@ def _rule(q, k, v, g, beta, segment_ids) -> tuple[jax.Array, jax.Array]:
 
 
 def _rule_from(q, k, v, g, beta, state) -> tuple[jax.Array, jax.Array]:
-    if q.shape[1] == 1:  # decoding: the single-token recurrence, not a padded chunk
-        o, state = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state)
-        return o[:, None], state
-    # A few tokens (draft verification) run token-serially; a prompt runs in chunks.
-    backend = "reference" if q.shape[1] < CHUNKED_MIN_TOKENS else "auto"
-    return gated_delta_rule(q, k, v, g, beta, initial_state=state, backend=backend)
+    # Decoding and draft verification advance the state token by token, not in padded chunks
+    # (or in one kernel that reads the state once); a prompt runs in chunks.
+    if q.shape[1] < CHUNKED_MIN_TOKENS:
+        return gated_delta_decode(q, k, v, g, beta, state)
+    return gated_delta_rule(q, k, v, g, beta, initial_state=state)
 
 
 def _advance(
-    q: jax.Array, p: DeltaNetPending, cache: DeltaNetCache, valid: jax.Array, shard: bool = True
+    q: jax.Array, p: DeltaNetPending, cache: DeltaNetCache, valid: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Outputs `[B, T, N, H]` and the state after each row's valid tokens."""
     g = jnp.where(valid[..., None], p.g, 0.0)
     beta = jnp.where(valid[..., None], p.beta, 0.0)
     args = (q, p.k, p.v, g, beta, cache.state)
-    if not shard:
-        return _rule_from(*args)
     return ax.shard_kernel(_rule_from, args, (QK, QK, V, G, G, STATE), (V, STATE))
 
 
@@ -210,6 +207,7 @@ def commit_pending(
     needed: the pending inputs are post-projection and post-conv)."""
     t = pending.g.shape[1]
     valid = jnp.arange(t)[None, :] < num_valid[:, None]
-    # Elementwise-cheap and called under vmap over blocks: left to XLA's partitioner.
-    _, state = _advance(pending.k, pending, cache, valid, shard=False)
+    # Under shard_map like the extend call: a decode kernel (Mosaic, Triton) cannot be
+    # partitioned by XLA. The query is unused; the keys stand in for it.
+    _, state = _advance(pending.k, pending, cache, valid)
     return DeltaNetCache(conv=_advance_conv(cache.conv, pending.m, num_valid), state=state)

@@ -207,7 +207,7 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
     import uvicorn
 
     from qwenjax.checkpoint import load
-    from qwenjax.kernels.choice import attention_flag
+    from qwenjax.kernels.choice import kernel_flags
     from qwenjax.serve.scheduler import Scheduler
     from qwenjax.tokenizer import Tokenizer
     from qwenjax.vision.model import Qwen35VL
@@ -223,7 +223,7 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.speculative_tokens < 0:
         raise ValueError("--speculative-tokens must be >= 0")
-    kernels = attention_flag(getattr(args, "attention_kernel", "auto"), jax.default_backend())
+    kernels = kernel_flags(args, jax.default_backend())
     split = sharding.batch_split(mesh, rules)
     if args.slots % split:  # before loading: the scheduler would refuse it after
         raise ValueError(

@@ -219,6 +219,9 @@ def test_errors(ckpt, tmp_path, capsys):
         capsys, "generate", "--checkpoint", ckpt, "--prompt", "x", "--attention-kernel",
         "pallas_gpu",
     )  # fmt: skip
+    assert "--gdn-kernel: kernels.gated_delta_rule=pallas_tpu is a TPU kernel" in cli_error(
+        capsys, "generate", "--checkpoint", ckpt, "--prompt", "x", "--gdn-kernel", "pallas_tpu"
+    )
     assert "--mesh takes axis=size pairs" in cli_error(
         capsys, "generate", "--checkpoint", ckpt, "--prompt", "x", "--mesh", "fsdp=2,pipe=2"
     )

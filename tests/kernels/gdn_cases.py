@@ -29,16 +29,20 @@ def segment_ids(seq_len: int) -> np.ndarray:
     return ids
 
 
-def make_inputs(seed: int, seq_len: int, l2norm: bool = True) -> dict:
+def make_inputs(
+    seed: int, seq_len: int, l2norm: bool = True, *, batch: int = B, dk: int = DK, dv: int = DV
+) -> dict:
     """Fresh random fp32 inputs with a nonzero initial state; decays log-uniform in [-3, -1e-3]
     so slow heads carry state across chunks and segment resets visibly matter."""
     rng = np.random.default_rng(seed)
-    qk_std = 1.0 if l2norm else DK**-0.5  # near unit norm keeps the rule stable without l2norm
+    qk_std = 1.0 if l2norm else dk**-0.5  # near unit norm keeps the rule stable without l2norm
     return {
-        "q": (qk_std * rng.standard_normal((B, seq_len, HK, DK))).astype(np.float32),
-        "k": (qk_std * rng.standard_normal((B, seq_len, HK, DK))).astype(np.float32),
-        "v": rng.standard_normal((B, seq_len, HV, DV)).astype(np.float32),
-        "g": -np.exp(rng.uniform(np.log(1e-3), np.log(3.0), (B, seq_len, HV))).astype(np.float32),
-        "beta": rng.uniform(0.05, 0.95, (B, seq_len, HV)).astype(np.float32),
-        "initial_state": rng.standard_normal((B, HV, DK, DV)).astype(np.float32),
+        "q": (qk_std * rng.standard_normal((batch, seq_len, HK, dk))).astype(np.float32),
+        "k": (qk_std * rng.standard_normal((batch, seq_len, HK, dk))).astype(np.float32),
+        "v": rng.standard_normal((batch, seq_len, HV, dv)).astype(np.float32),
+        "g": -np.exp(rng.uniform(np.log(1e-3), np.log(3.0), (batch, seq_len, HV))).astype(
+            np.float32
+        ),
+        "beta": rng.uniform(0.05, 0.95, (batch, seq_len, HV)).astype(np.float32),
+        "initial_state": rng.standard_normal((batch, HV, dk, dv)).astype(np.float32),
     }

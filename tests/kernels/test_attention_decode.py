@@ -21,10 +21,6 @@ import numpy as np
 import pytest
 
 import qwenjax
-from qwenjax import sharding
-from qwenjax.api import build_sharded
-from qwenjax.inference.engine import generate
-from qwenjax.inference.sampling import SamplingParams
 from qwenjax.kernels.attention import (
     attention,
     auto_backend,
@@ -36,6 +32,7 @@ from qwenjax.model.cache import init_cache
 from qwenjax.serve.scheduler import Scheduler
 from tests.conftest import rel_err
 from tests.kernels.test_attention import oracle
+from tests.scheduler_cases import SCHEDULER, assert_scheduler_gives, mesh_model, tiny_requests
 from tests.tpu_aot import compile_report, cuda_plugin_path, needs_cuda_plugin, needs_libtpu
 
 N, K = 6, 2
@@ -214,24 +211,11 @@ def test_scheduler_with_the_kernel_equals_offline_generate(backend):
     """The serving scheduler (4 slots, chunked prefill, MTP speculation: decode steps and
     3-token verifications on the kernel, interpreted) gives offline `generate`'s greedy tokens
     (xla attention) for more requests than slots, of different lengths."""
-    config = qwenjax.ModelConfig.from_preset("tiny")
-    rng = np.random.default_rng(6)
-    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (21, 4, 37, 9, 30)]
+    config, prompts, expected = tiny_requests(6, lengths=(21, 4, 37, 9, 30))
     model = qwenjax.build(config, dtype=jnp.float32, seed=4)
-    expected = generate(model, prompts, 8)
     with auto_backend(backend):
-        scheduler = Scheduler(
-            model, slots=4, max_length=96, prefill_chunk=16, num_speculative_tokens=2
-        )
-        scheduler.start()
-        try:
-            params = SamplingParams(temperature=0.0, max_tokens=8)
-            handles = [scheduler.submit(p, params) for p in prompts]
-            for i, handle in enumerate(handles):
-                tokens = [t for event in handle for t in event.token_ids]
-                assert tokens == expected[i].tolist(), f"request {i}"
-        finally:
-            scheduler.stop()
+        scheduler = Scheduler(model, **SCHEDULER)
+    assert_scheduler_gives(scheduler, prompts, expected)
 
 
 @needs_libtpu
@@ -250,23 +234,8 @@ def test_scheduler_on_a_tensor_parallel_mesh_with_the_tpu_kernel():
     """On 8 CPU devices as fsdp 4 x tensor 2 (heads split: one kv head a device, the kernel
     inside `shard_map`), the scheduler with the TPU kernel (interpreted) and MTP speculation
     gives single-device offline `generate`'s greedy tokens."""
-    config = qwenjax.ModelConfig.from_preset("tiny")
-    rng = np.random.default_rng(5)
-    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (21, 4, 37, 9, 15, 30)]
-    expected = generate(qwenjax.build(config, dtype=jnp.float32, seed=4), prompts, 8)
-    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=4, tensor=2))
-    rules = sharding.RULES["fsdp_tp"]
-    model = build_sharded(config, mesh, rules, dtype=jnp.float32, seed=4)
+    config, prompts, expected = tiny_requests(5)
+    model, mesh = mesh_model(config)
     with auto_backend("pallas_tpu"):
-        scheduler = Scheduler(
-            model, slots=4, max_length=96, prefill_chunk=16, num_speculative_tokens=2,
-            mesh=mesh, rules=rules,
-        )  # fmt: skip
-    scheduler.start()
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=8)
-        handles = [scheduler.submit(p, params) for p in prompts]
-        for i, handle in enumerate(handles):
-            assert [t for e in handle for t in e.token_ids] == expected[i].tolist(), f"request {i}"
-    finally:
-        scheduler.stop()
+        scheduler = Scheduler(model, **SCHEDULER, **mesh)
+    assert_scheduler_gives(scheduler, prompts, expected)

@@ -1,7 +1,8 @@
 """Gated delta rule entry points: the only import the model uses.
 
 `gated_delta_rule` runs a whole sequence (training, prefill) through a chosen backend;
-`gated_delta_step` advances the recurrent state by one token (decoding). Both implement, per batch
+`gated_delta_step` advances the recurrent state by one token in jnp, and `gated_delta_decode` by a
+few tokens (decoding, draft verification) through a chosen backend. All implement, per batch
 row and value head n (reading query/key head n // (Hv // Hk)), with a fp32 state S [dk, dv]:
 
     S <- exp(g_t) S;   S <- S + k_t (x) beta_t (v_t - S^T k_t);   o_t = S^T q_t
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import jax
 
+from qwenjax.kernels.gated_delta_rule import decode_pallas_gpu, decode_pallas_tpu
 from qwenjax.kernels.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
 from qwenjax.kernels.gated_delta_rule.pallas_tpu import gated_delta_rule_pallas_tpu
 from qwenjax.kernels.gated_delta_rule.reference import (
@@ -42,6 +44,11 @@ _AUTO = {"gpu": "pallas_gpu"}
 # memory; "auto" falls back to the pure-JAX path there rather than fail to compile.
 PALLAS_GPU_MAX_HEAD_DIM = 128
 _pins = PinStack()
+# Decoding from a state (`gated_delta_decode`): the jnp step, or one kernel that reads and writes
+# the state once for all the tokens. Pinning "pallas_gpu" / "pallas_tpu" for the rule pins the
+# platform's decode kernel too; unpinned, "auto" keeps "xla" until the kernels are timed on a
+# device (`benchmarks/decode_step.py`).
+DECODE_BACKENDS = ("xla", "pallas_gpu", "pallas_tpu")
 
 
 @contextlib.contextmanager
@@ -209,3 +216,66 @@ def gated_delta_step(
         beta.astype(dtype).reshape(b, hk, grp),
     )
     return out.reshape(b, hv, dv).astype(v.dtype), state.reshape(b, hv, dk, dv)
+
+
+def gated_delta_decode(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    state: jax.Array,
+    *,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    backend: str = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """Advances the recurrent state by a few tokens: decoding (T = 1) and speculative
+    verification (T = drafts + 1), where the state is what moves through memory.
+
+    Args:
+      q, k: [B, T, Hk, dk]; v: [B, T, Hv, dv]; g, beta: [B, T, Hv] (a token with g = beta = 0
+        leaves the state unchanged: padding); state: [B, Hv, dk, dv] fp32.
+      scale, use_qk_l2norm: as in `gated_delta_rule`.
+      backend: "xla" (`gated_delta_step` for one token, the token-serial scan for more: the
+        state read twice and written once per token), "pallas_gpu" / "pallas_tpu" (one kernel
+        reading and writing the state once, in place when it is donated; interpreted off its
+        platform) or "auto" (the pinned rule backend's kernel when it is one of those two and
+        takes the head dims, "xla" otherwise).
+
+    Returns:
+      (out [B, T, Hv, dv] in v.dtype, new state [B, Hv, dk, dv] fp32, or float64 for float64
+        inputs on "xla").
+
+    Raises:
+      ValueError: on an unknown backend or inconsistent shapes.
+    """
+    if backend not in ("auto", *DECODE_BACKENDS):
+        valid = ", ".join(["auto", *DECODE_BACKENDS])
+        raise ValueError(f"unknown gated delta decode backend {backend!r}; valid: {valid}")
+    if q.ndim != 4:
+        raise ValueError(f"q must have shape [B, T, Hk, dk], got {q.shape}")
+    b, t, _, dk = q.shape
+    _check_heads(q, k, v, (b, t))
+    hv, dv = v.shape[2:]
+    _check_gates(g, beta, (b, t, hv), "[B, T, Hv]")
+    _check_state(state, (b, hv, dk, dv), "state")
+    if backend == "auto":
+        pinned = _pins.top()
+        backend = pinned if pinned in DECODE_BACKENDS else "xla"
+        if backend == "pallas_gpu" and not decode_pallas_gpu.supports(dk, dv):
+            backend = "xla"
+    if backend == "xla":
+        if t == 1:
+            token = (x[:, 0] for x in (q, k, v, g, beta))
+            o, state = gated_delta_step(*token, state, scale=scale, use_qk_l2norm=use_qk_l2norm)
+            return o[:, None], state
+        return gated_delta_rule_reference(
+            q, k, v, g, beta, scale=scale, initial_state=state, use_qk_l2norm=use_qk_l2norm
+        )
+    q, k = prepare_qk(q, k, scale, use_qk_l2norm)
+    kernel = {
+        "pallas_gpu": decode_pallas_gpu.gated_delta_decode_pallas_gpu,
+        "pallas_tpu": decode_pallas_tpu.gated_delta_decode_pallas_tpu,
+    }[backend]
+    return kernel(q, k, v, g, beta, state)
