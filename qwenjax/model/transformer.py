@@ -226,12 +226,22 @@ class Qwen35(nnx.Module):
         vision tower's tokens in `x` and 3-D positions in `ctx`)."""
         graphdef, state = nnx.split(self.blocks)
 
-        def body(x, xs):
-            block_state, block_cache = xs
+        # The stacked cache rides in the carry, each block reading its slice and writing it back:
+        # as scanned inputs with stacked outputs, XLA kept a second whole cache beside the
+        # donated one and copied it out after the loop, every decode step (tests/inference/
+        # test_decode_memory.py; benchmarks/decode_hlo.py lists what a step still writes).
+        def body(carry, xs):
+            x, blocks = carry
+            block_state, i = xs
+            block_cache = jax.tree.map(lambda c: c[i], blocks)
             x, new, pending = nnx.merge(graphdef, block_state).extend(x, ctx, block_cache)
-            return ax.constrain(x, ax.HIDDEN), (new, pending if keep_pending else None)
+            blocks = jax.tree.map(
+                lambda c, n: jax.lax.dynamic_update_index_in_dim(c, n, i, 0), blocks, new
+            )
+            return (ax.constrain(x, ax.HIDDEN), blocks), pending if keep_pending else None
 
-        x, (blocks, pending) = jax.lax.scan(body, x, (state, cache.blocks))
+        index = jnp.arange(self.config.num_blocks)
+        (x, blocks), pending = jax.lax.scan(body, (x, cache.blocks), (state, index))
         new = dataclasses.replace(cache, blocks=blocks, length=cache.length + ctx.num_valid)
         return self.norm(x), new, pending
 

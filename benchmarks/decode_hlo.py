@@ -1,0 +1,189 @@
+"""What one compiled decode step moves: the large buffers XLA writes, for an H100 or a TPU, from
+this CPU.
+
+    python -m benchmarks.decode_hlo --target h100            # 27B geometry, 2 super-blocks
+    python -m benchmarks.decode_hlo --target v5p:2x2x1 --kernels auto gdn=pallas_tpu
+
+A script, not a test, and not a timing: it compiles `model.extend` (one decode step, or a
+verification of T - 1 drafts) for 32 rows with the cache donated, as the engine and the serving
+scheduler run it, and lists every instruction of the compiled program (outside fusions' bodies)
+whose result is at least `--min-mib`: copies of weights or caches, transposes, slices, updates.
+Each is a write of that many bytes (and usually a read as large), so beside the weights and the
+rows' own cache entries, they are the step's avoidable memory traffic. Also reported: XLA's
+temporaries, against the bytes of the whole cache.
+
+`--blocks` keeps the compile short (each super-block is 3 Gated DeltaNet + 1 attention layer,
+scanned: the body is compiled once, so what one block moves, all 16 move). Needs the CUDA plugin
+for `--target h100` (`.cuda-plugin/<jax version>` on PYTHONPATH, as the tests install it) and
+jax[tpu] for TPU targets. Results: `{stamp}_{target}-compile-only_decode_hlo.*` under `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import math
+import re
+import types
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import qwenjax
+from benchmarks.common import utc_stamp, write_results
+from qwenjax.kernels.choice import kernel_flags
+from qwenjax.model.cache import init_cache
+
+_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1}
+# `%name = TYPE op(`, TYPE an array `f32[2,3]{1,0}` or a tuple of them (multi-output fusions).
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][\w-]*)\((?=%|\))")
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+# Not writes: views, the loop and its carried tuple, and TPU buffer allocations (custom calls;
+# Pallas kernels write in place into their aliased inputs here).
+_FREE = {"bitcast", "get-tuple-element", "parameter", "tuple", "constant", "custom-call", "while"}
+
+
+def device_for(target: str) -> jax.Device:
+    if target == "h100":
+        from qwenjax.kernels.gpu_target import h100_compile_only
+
+        return h100_compile_only()
+    from jax.experimental import topologies
+
+    return topologies.get_topology_desc(target, platform="tpu").devices[0]
+
+
+def large_writes(hlo: str, min_bytes: int) -> list[dict]:
+    """Instructions of the entry computation and of loop bodies (not fusions' insides) whose
+    result has at least `min_bytes`: `{op, shape, mib, name, computation}`."""
+    rows, computation = [], ""
+    for line in hlo.splitlines():
+        if line and not line.startswith(" "):
+            computation = line.split(" ")[0] if not line.startswith("ENTRY") else "ENTRY"
+            inside_fusion = "fused_" in computation or "_computation" in computation
+            continue
+        m = _INSTRUCTION.match(line)
+        if not m or inside_fusion or not computation:
+            continue
+        name, result, op = m.groups()
+        if op in _FREE:
+            continue
+        for dtype, dims in _ARRAY.findall(result):
+            if dtype not in _BYTES or not dims:
+                continue
+            size = math.prod(int(d) for d in dims.split(",")) * _BYTES[dtype]
+            if size >= min_bytes:
+                fused = re.search(r"calls=%([\w.-]+)", line)
+                kind = fused.group(1) if op == "fusion" and fused else op
+                rows.append(
+                    dict(op=kind, shape=f"{dtype}[{dims}]", mib=size / 2**20, name=name,
+                         computation="entry" if computation == "ENTRY" else "loop body")
+                )  # fmt: skip
+    return rows
+
+
+def compile_decode(
+    target: str, *, blocks: int, batch: int, max_length: int, tokens: int, kernels: str
+) -> dict:
+    """Compiles one `extend` of `tokens` tokens for `target`; returns temporaries, cache and
+    weight bytes and the large writes."""
+    device = device_for(target)
+    on_device = jax.sharding.SingleDeviceSharding(device)
+    put = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device), tree
+    )
+    config = qwenjax.ModelConfig.from_preset("qwen3.6-27b")
+    layers = blocks * (config.num_hidden_layers // config.num_blocks)
+    config = config.replace(num_hidden_layers=layers, layer_types=config.layer_types[:layers])
+    graphdef, params = nnx.split(qwenjax.build(config, dtype=jnp.bfloat16, abstract=True))
+    cache = put(jax.eval_shape(lambda: init_cache(config, batch, max_length, jnp.bfloat16)))
+    ids = put(jax.ShapeDtypeStruct((batch, tokens), jnp.int32))
+
+    def step(params, cache, ids):
+        hidden, cache, _ = nnx.merge(graphdef, params).extend(ids, cache)
+        return hidden, cache
+
+    flags = {
+        f"{k}_kernel": v for k, _, v in (p.partition("=") for p in kernels.split(",") if "=" in p)
+    }
+    choice = kernel_flags(types.SimpleNamespace(**flags), "gpu" if target == "h100" else "tpu")
+    with choice.pinned() if kernels != "auto" else contextlib.nullcontext():
+        jitted = jax.jit(lambda p, c, i: step(p, c, i), donate_argnums=1)  # a fresh trace
+        compiled = jitted.lower(put(params), cache, ids).compile()
+    memory = compiled.memory_analysis()
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    return {
+        "target": target,
+        "blocks": blocks,
+        "batch": batch,
+        "max_length": max_length,
+        "tokens": tokens,
+        "kernels": kernels,
+        "temp_mib": memory.temp_size_in_bytes / 2**20,
+        "cache_mib": nbytes(cache) / 2**20,
+        "weight_mib": nbytes(params) / 2**20,
+        "large_writes": large_writes(compiled.as_text(), 64 * 2**20),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--target", default="h100", help="h100, or a TPU topology such as v5p:2x2x1")
+    p.add_argument("--blocks", type=int, default=2, help="super-blocks of the 27B (of 16)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=4096)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 3])
+    p.add_argument("--kernels", nargs="+", default=["auto"],
+                   help="auto, or attention=NAME,gdn=NAME (the CLI's kernel flags)")  # fmt: skip
+    p.add_argument("--min-mib", type=float, default=64)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    stamp, rows = utc_stamp(), []
+    for tokens in args.tokens:
+        for kernels in args.kernels:
+            report = compile_decode(
+                args.target, blocks=args.blocks, batch=args.batch, max_length=args.max_length,
+                tokens=tokens, kernels=kernels,
+            )  # fmt: skip
+            report["large_writes"] = [w for w in report["large_writes"] if w["mib"] >= args.min_mib]
+            rows.append(report)
+            print(json.dumps({k: v for k, v in report.items() if k != "large_writes"}), flush=True)
+    lines = [
+        f"# One decode step compiled for {args.target} (not timed), {stamp}, jax {jax.__version__}",
+        "",
+        f"27B geometry with {args.blocks} of its 16 super-blocks (scanned: one block's body is "
+        f"what each block runs), {args.batch} rows x {args.max_length} cache slots, bf16, the "
+        f"cache donated. Writes of at least {args.min_mib:.0f} MiB outside fusions' bodies, "
+        "grouped; each is usually read back as well.",
+    ]
+    for r in rows:
+        lines += [
+            "",
+            f"## T = {r['tokens']}, kernels: {r['kernels']}",
+            "",
+            f"Temporaries {r['temp_mib']:.0f} MiB; the whole cache is {r['cache_mib']:.0f} MiB, "
+            f"the weights {r['weight_mib']:.0f} MiB.",
+            "",
+            "| where | op | result | MiB each | count |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        groups = collections.Counter(
+            (w["computation"], re.sub(r"\.\d+$", "", w["op"]), w["shape"], round(w["mib"]))
+            for w in r["large_writes"]
+        )
+        lines += [
+            f"| {c} | {op} | {shape} | {mib} | {n} |"
+            for (c, op, shape, mib), n in sorted(groups.items())
+        ]
+    device = args.target.replace(":", "-") + "-compile-only"
+    meta = {"jax": jax.__version__, "target": args.target}
+    write_results(
+        args.out, "decode_hlo", stamp, rows, meta=meta, table="\n".join(lines), device=device
+    )
+
+
+if __name__ == "__main__":
+    main()
