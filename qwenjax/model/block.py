@@ -45,9 +45,13 @@ class DecoderLayer(nnx.Module):
         x = x + self.mixer(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def extend(self, x: jax.Array, ctx: Context, cache: LayerCache) -> tuple[jax.Array, Any, Any]:
-        """`__call__` continuing from `cache`: (x, new cache, pending GDN inputs or None)."""
-        out = self.mixer.extend(self.input_layernorm(x), ctx, cache)
+    def extend(
+        self, x: jax.Array, ctx: Context, cache: LayerCache, layer: jax.Array | None = None
+    ) -> tuple[jax.Array, Any, Any]:
+        """`__call__` continuing from `cache`: (x, new cache, pending GDN inputs or None).
+        `layer`: a Gated DeltaNet cache's state is the stack of the scanned blocks' states."""
+        extra = () if layer is None or isinstance(self.mixer, GatedAttention) else (layer,)
+        out = self.mixer.extend(self.input_layernorm(x), ctx, cache, *extra)
         y, cache, pending = out if len(out) == 3 else (*out, None)
         x = x + y
         return x + self.mlp(self.post_attention_layernorm(x)), cache, pending
@@ -67,10 +71,14 @@ class HybridBlock(nnx.Module):
             x = _checkpointed(layer, x, ctx) if remat_layers else layer(x, ctx)
         return x
 
-    def extend(self, x: jax.Array, ctx: Context, caches: tuple) -> tuple[jax.Array, tuple, tuple]:
+    def extend(
+        self, x: jax.Array, ctx: Context, caches: tuple, index: jax.Array | None = None
+    ) -> tuple[jax.Array, tuple, tuple]:
+        """`index`: this block's position in the scan; the Gated DeltaNet caches in `caches`
+        then hold the stacked states of all blocks (see `Qwen35.extend_embedded`)."""
         new, pending = [], []
         for layer, cache in zip(self.layers, caches, strict=True):
-            x, cache, p = layer.extend(x, ctx, cache)
+            x, cache, p = layer.extend(x, ctx, cache, index)
             new.append(cache)
             pending.append(p)
         return x, tuple(new), tuple(pending)

@@ -108,10 +108,12 @@ class GatedDeltaNet(nnx.Module):
         return self._out(o, z, x.dtype)
 
     def extend(
-        self, x: jax.Array, ctx: Context, cache: DeltaNetCache
+        self, x: jax.Array, ctx: Context, cache: DeltaNetCache, layer: jax.Array | None = None
     ) -> tuple[jax.Array, DeltaNetCache, DeltaNetPending]:
         """Continue from `cache` with `x [B, T, D]`; only the first `ctx.num_valid` tokens of
-        each row advance the states (β = g = 0 leaves the state as it is, exactly).
+        each row advance the states (β = g = 0 leaves the state as it is, exactly). With
+        `layer`, `cache.state` is the scanned blocks' stacked states, of which `state[layer]`
+        is this layer's: it is advanced in place and the stack returned.
 
         Also returns what `commit_pending` needs to redo the state update for fewer tokens.
         """
@@ -119,10 +121,10 @@ class GatedDeltaNet(nnx.Module):
         mc, _ = causal_conv1d(m, self.conv1d[...].astype(self.dtype), state=cache.conv)
         q, k, v = self._split(mc)
         pending = DeltaNetPending(m=m, k=k, v=v, g=g, beta=beta)
-        o, state = _advance(q, pending, cache, ctx.valid)
+        o, state = _advance(q, pending, cache, ctx.valid, layer)
         new = DeltaNetCache(
             conv=ax.constrain(_advance_conv(cache.conv, m, ctx.num_valid), CONV_STATE),
-            state=ax.constrain(state, GDN_STATE),
+            state=ax.constrain(state, GDN_STATE if layer is None else (ax.LAYERS, *GDN_STATE)),
         )
         return self._out(o, z, x.dtype), new, pending
 
@@ -176,22 +178,35 @@ def _rule(q, k, v, g, beta, segment_ids) -> tuple[jax.Array, jax.Array]:
     return ax.shard_kernel(fn, args, (qk, qk, vn, gn, gn, (ax.BATCH, time)), (vn, STATE))
 
 
-def _rule_from(q, k, v, g, beta, state) -> tuple[jax.Array, jax.Array]:
+def _rule_from(q, k, v, g, beta, state, layer=None) -> tuple[jax.Array, jax.Array]:
     # Decoding and draft verification advance the state token by token, not in padded chunks
     # (or in one kernel that reads the state once); a prompt runs in chunks.
     if q.shape[1] < CHUNKED_MIN_TOKENS:
-        return gated_delta_decode(q, k, v, g, beta, state)
-    return gated_delta_rule(q, k, v, g, beta, initial_state=state)
+        return gated_delta_decode(q, k, v, g, beta, state, layer=layer)
+    if layer is None:
+        return gated_delta_rule(q, k, v, g, beta, initial_state=state)
+    one = jax.lax.dynamic_index_in_dim(state, layer, 0, keepdims=False)
+    o, one = gated_delta_rule(q, k, v, g, beta, initial_state=one)
+    return o, jax.lax.dynamic_update_index_in_dim(state, one, layer, 0)
 
 
 def _advance(
-    q: jax.Array, p: DeltaNetPending, cache: DeltaNetCache, valid: jax.Array
+    q: jax.Array,
+    p: DeltaNetPending,
+    cache: DeltaNetCache,
+    valid: jax.Array,
+    layer: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Outputs `[B, T, N, H]` and the state after each row's valid tokens."""
+    """Outputs `[B, T, N, H]` and the state after each row's valid tokens; with `layer`,
+    `cache.state` is the stacked states of the scanned blocks and `state[layer]` advances."""
     g = jnp.where(valid[..., None], p.g, 0.0)
     beta = jnp.where(valid[..., None], p.beta, 0.0)
     args = (q, p.k, p.v, g, beta, cache.state)
-    return ax.shard_kernel(_rule_from, args, (QK, QK, V, G, G, STATE), (V, STATE))
+    if layer is None:
+        return ax.shard_kernel(_rule_from, args, (QK, QK, V, G, G, STATE), (V, STATE))
+    stacked = (ax.LAYERS, *STATE)  # [L, B, N, E, H]
+    names = (QK, QK, V, G, G, stacked, ())
+    return ax.shard_kernel(_rule_from, (*args, layer), names, (V, stacked))
 
 
 def _advance_conv(conv: jax.Array, m: jax.Array, num_valid: jax.Array) -> jax.Array:

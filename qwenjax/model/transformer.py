@@ -22,7 +22,7 @@ from flax import nnx
 from qwenjax import sharding as ax
 from qwenjax.config import ModelConfig
 from qwenjax.model.block import HybridBlock
-from qwenjax.model.cache import Cache, KVCache, rope_positions
+from qwenjax.model.cache import Cache, DeltaNetCache, KVCache, LayerCache, rope_positions
 from qwenjax.model.context import Context
 from qwenjax.model.mtp import MTPHead
 from qwenjax.model.norms import RMSNorm
@@ -51,6 +51,21 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
         [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
     )
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def _block_view(stacked: LayerCache, i: jax.Array) -> LayerCache:
+    """Block i's cache of one layer position, but a Gated DeltaNet state stays the whole stack."""
+    if isinstance(stacked, DeltaNetCache):
+        return DeltaNetCache(conv=stacked.conv[i], state=stacked.state)
+    return jax.tree.map(lambda c: c[i], stacked)
+
+
+def _block_put(stacked: LayerCache, new: LayerCache, i: jax.Array) -> LayerCache:
+    """`stacked` with block i's `new` cache (a Gated DeltaNet state: `new` is the stack)."""
+    put = lambda c, n: jax.lax.dynamic_update_index_in_dim(c, n, i, 0)
+    if isinstance(stacked, DeltaNetCache):
+        return DeltaNetCache(conv=put(stacked.conv, new.conv), state=new.state)
+    return jax.tree.map(put, stacked, new)
 
 
 class Qwen35(nnx.Module):
@@ -229,15 +244,15 @@ class Qwen35(nnx.Module):
         # The stacked cache rides in the carry, each block reading its slice and writing it back:
         # as scanned inputs with stacked outputs, XLA kept a second whole cache beside the
         # donated one and copied it out after the loop, every decode step (tests/inference/
-        # test_decode_memory.py; benchmarks/decode_hlo.py lists what a step still writes).
+        # test_decode_memory.py; benchmarks/decode_hlo.py lists what a step still writes). The
+        # GDN states are not sliced at all: the layers advance `state[i]` of the stack in place
+        # (a decode kernel would otherwise get a copy of its slice, and the stack the result).
         def body(carry, xs):
             x, blocks = carry
             block_state, i = xs
-            block_cache = jax.tree.map(lambda c: c[i], blocks)
-            x, new, pending = nnx.merge(graphdef, block_state).extend(x, ctx, block_cache)
-            blocks = jax.tree.map(
-                lambda c, n: jax.lax.dynamic_update_index_in_dim(c, n, i, 0), blocks, new
-            )
+            view = tuple(_block_view(c, i) for c in blocks)
+            x, new, pending = nnx.merge(graphdef, block_state).extend(x, ctx, view, i)
+            blocks = tuple(_block_put(c, n, i) for c, n in zip(blocks, new, strict=True))
             return (ax.constrain(x, ax.HIDDEN), blocks), pending if keep_pending else None
 
         index = jnp.arange(self.config.num_blocks)

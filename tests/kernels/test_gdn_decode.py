@@ -96,6 +96,27 @@ def test_padding_tokens_leave_the_state_and_bf16_values(name):
     assert rel_err(out, want_out) <= 1e-2  # bf16 output rounding (2**-9)
 
 
+@pytest.mark.parametrize("name", ["xla", "pallas_gpu", "pallas_tpu"])
+def test_a_layer_of_a_stack_advances_in_place(name):
+    """With `layer`, the state is the blocks' stacked states (as the model's scan carries it):
+    `state[layer]` advances as it does alone (1e-6) and the other layers keep their bits, with
+    the stack donated under jit."""
+    x = make_inputs(11, 3, 3, 16, 32)
+    rng = np.random.default_rng(12)
+    stack = rng.standard_normal((4, *x["state"].shape)).astype(np.float32)
+    args = [jnp.asarray(x[n]) for n in ("q", "k", "v", "g", "beta")]
+    alone = gated_delta_decode(*args, jnp.asarray(stack[2]), backend=name)
+    step = jax.jit(
+        lambda *a: gated_delta_decode(*a[:6], layer=a[6], backend=name), donate_argnums=5
+    )
+    out, new = step(*args, jnp.asarray(stack), jnp.int32(2))
+    assert rel_err(out, alone[0]) <= 1e-6  # two programs: XLA may fuse them differently
+    assert rel_err(new[2], alone[1]) <= 1e-6
+    np.testing.assert_array_equal(np.asarray(new)[[0, 1, 3]], stack[[0, 1, 3]])
+    with pytest.raises(ValueError, match=r"state must have shape \(4, 3, 6, 16, 32\)"):
+        gated_delta_decode(*args, jnp.asarray(stack[:, :, :5]), layer=0, backend=name)
+
+
 def _has_pallas_call(fn, *args) -> bool:
     return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
 

@@ -228,6 +228,7 @@ def gated_delta_decode(
     *,
     scale: float | None = None,
     use_qk_l2norm: bool = True,
+    layer: jax.Array | None = None,
     backend: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """Advances the recurrent state by a few tokens: decoding (T = 1) and speculative
@@ -237,6 +238,10 @@ def gated_delta_decode(
       q, k: [B, T, Hk, dk]; v: [B, T, Hv, dv]; g, beta: [B, T, Hv] (a token with g = beta = 0
         leaves the state unchanged: padding); state: [B, Hv, dk, dv] fp32.
       scale, use_qk_l2norm: as in `gated_delta_rule`.
+      layer: with it, `state` is the layers' stacked states `[L, B, Hv, dk, dv]` and only
+        `state[layer]` advances, in place: the model's scan over blocks passes its carried
+        stack, so that no layer's state is copied out of it and back (a kernel cannot read a
+        slice in place).
       backend: "xla" (`gated_delta_step` for one token, the token-serial scan for more: the
         state read twice and written once per token), "pallas_gpu" / "pallas_tpu" (one kernel
         reading and writing the state once, in place when it is donated; interpreted off its
@@ -244,8 +249,8 @@ def gated_delta_decode(
         takes the head dims, "xla" otherwise).
 
     Returns:
-      (out [B, T, Hv, dv] in v.dtype, new state [B, Hv, dk, dv] fp32, or float64 for float64
-        inputs on "xla").
+      (out [B, T, Hv, dv] in v.dtype, new state [B, Hv, dk, dv] (with `layer`: the new stack)
+        fp32, or float64 for float64 inputs on "xla").
 
     Raises:
       ValueError: on an unknown backend or inconsistent shapes.
@@ -259,23 +264,29 @@ def gated_delta_decode(
     _check_heads(q, k, v, (b, t))
     hv, dv = v.shape[2:]
     _check_gates(g, beta, (b, t, hv), "[B, T, Hv]")
-    _check_state(state, (b, hv, dk, dv), "state")
+    lead = () if layer is None else state.shape[:1]
+    _check_state(state, (*lead, b, hv, dk, dv), "state")
     if backend == "auto":
         pinned = _pins.top()
         backend = pinned if pinned in DECODE_BACKENDS else "xla"
         if backend == "pallas_gpu" and not decode_pallas_gpu.supports(dk, dv):
             backend = "xla"
     if backend == "xla":
+        one = state if layer is None else jax.lax.dynamic_index_in_dim(state, layer, 0, False)
         if t == 1:
             token = (x[:, 0] for x in (q, k, v, g, beta))
-            o, state = gated_delta_step(*token, state, scale=scale, use_qk_l2norm=use_qk_l2norm)
-            return o[:, None], state
-        return gated_delta_rule_reference(
-            q, k, v, g, beta, scale=scale, initial_state=state, use_qk_l2norm=use_qk_l2norm
-        )
+            o, one = gated_delta_step(*token, one, scale=scale, use_qk_l2norm=use_qk_l2norm)
+            o = o[:, None]
+        else:
+            o, one = gated_delta_rule_reference(
+                q, k, v, g, beta, scale=scale, initial_state=one, use_qk_l2norm=use_qk_l2norm
+            )
+        if layer is None:
+            return o, one
+        return o, jax.lax.dynamic_update_index_in_dim(state, one.astype(state.dtype), layer, 0)
     q, k = prepare_qk(q, k, scale, use_qk_l2norm)
     kernel = {
         "pallas_gpu": decode_pallas_gpu.gated_delta_decode_pallas_gpu,
         "pallas_tpu": decode_pallas_tpu.gated_delta_decode_pallas_tpu,
     }[backend]
-    return kernel(q, k, v, g, beta, state)
+    return kernel(q, k, v, g, beta, state, layer=layer)

@@ -12,7 +12,10 @@ across the tokens:
 
 with q, k already l2-normalised and q scaled (in the wrapper: `[B, T, K, E]` is tiny beside
 the state). A token with g = beta = 0 leaves S as it is (the model's padding). The new state
-aliases the old one: under `jit` with the state donated, the update is in place.
+aliases the old one: under `jit` with the state donated, the update is in place. With `layer`,
+the state is the stacked states of the model's scanned blocks `[L, B, N, E, H]` (the scan's
+carry) and the kernel indexes layer `layer` itself: a slice handed to a kernel would be a
+copy, and its result another write back into the stack.
 
 Not timed yet: "auto" keeps the jnp path until `benchmarks/decode_step.py` shows this is faster
 on a GPU. Where it runs: Triton when lowered for CUDA, the interpreter elsewhere.
@@ -41,9 +44,16 @@ def supports(e: int, h: int) -> bool:
     return pow2(e) and pow2(h) and e >= 16 and h >= 16
 
 
-def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, s_ref, o_ref, s_out_ref, *, tokens: int):
-    # q_ref, k_ref [T, E] fp32; v_ref, o_ref [T, BV]; g_ref, beta_ref [T]; s_ref [E, BV] fp32
-    s = s_ref[...]
+def _kernel(
+    layer_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, s_ref, o_ref, s_out_ref, *, tokens, bv
+):
+    # q_ref, k_ref [T, E] fp32; v_ref, o_ref [T, BV]; g_ref, beta_ref [T]; s_ref, s_out_ref
+    # the whole stacked state [L, B, N, E, H] (aliased), whose tile [E, BV] this program owns.
+    at = (
+        layer_ref[0], pl.program_id(0), pl.program_id(1), slice(None),
+        pl.ds(pl.program_id(2) * bv, bv),
+    )  # fmt: skip
+    s = s_ref[at]
     for t in range(tokens):  # T is a handful: unrolled, S stays in registers
         q, k = q_ref[t, :], k_ref[t, :]  # [E]
         s = jnp.exp(g_ref[t]) * s
@@ -51,7 +61,7 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, s_ref, o_ref, s_out_ref, *, to
         d = beta_ref[t] * (v_ref[t, :].astype(jnp.float32) - u)
         s = s + k[:, None] * d[None, :]
         o_ref[t, :] = jnp.sum(s * q[:, None], axis=0).astype(o_ref.dtype)
-    s_out_ref[...] = s
+    s_out_ref[at] = s
 
 
 def gated_delta_decode_pallas_gpu(
@@ -62,40 +72,47 @@ def gated_delta_decode_pallas_gpu(
     beta: jax.Array,
     state: jax.Array,
     *,
+    layer: jax.Array | None = None,
     block_v: int = BLOCK_V,
     num_warps: int = 4,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """q, k `[B, T, K, E]` fp32 (normalised, q scaled), v `[B, T, N, H]`, g, beta `[B, T, N]`,
-    state `[B, N, E, H]` fp32 → (o `[B, T, N, H]` in v's dtype, new state, aliasing `state`).
-    `interpret=None`: Triton when lowered for CUDA, the interpreter elsewhere."""
+    state `[B, N, E, H]` fp32, or the layers' stacked states `[L, B, N, E, H]` of which `layer`
+    (an int32 scalar) is advanced → (o `[B, T, N, H]` in v's dtype, the new state or stack,
+    aliasing `state`). `interpret=None`: Triton when lowered for CUDA, the interpreter elsewhere."""
     b, t, hk, e = q.shape
     hv, h = v.shape[2:]
     if not supports(e, h):
         raise ValueError(f"gated delta decode kernel: needs power-of-two E, H >= 16; got {e}, {h}")
+    stacked = layer is not None
+    stack = state.astype(jnp.float32) if stacked else state.astype(jnp.float32)[None]
+    layer = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     grp, bv = hv // hk, min(block_v, h)
     qk_spec = pl.BlockSpec((None, t, None, e), lambda i, n, j: (i, 0, n // grp, 0))
     v_spec = pl.BlockSpec((None, t, None, bv), lambda i, n, j: (i, 0, n, j))
     gate_spec = pl.BlockSpec((None, t, None), lambda i, n, j: (i, 0, n))
-    s_spec = pl.BlockSpec((None, None, e, bv), lambda i, n, j: (i, n, 0, j))
+    layer_spec = pl.BlockSpec((1,), lambda i, n, j: (0,))
+    # The whole stack, indexed in the kernel: a block spec cannot follow a traced layer index.
+    s_spec = pl.no_block_spec
 
     def run(interpret: bool, *args):
         return pl.pallas_call(
-            functools.partial(_kernel, tokens=t),
+            functools.partial(_kernel, tokens=t, bv=bv),
             grid=(b, hv, h // bv),
-            in_specs=[qk_spec, qk_spec, v_spec, gate_spec, gate_spec, s_spec],
+            in_specs=[layer_spec, qk_spec, qk_spec, v_spec, gate_spec, gate_spec, s_spec],
             out_specs=[v_spec, s_spec],
             out_shape=[
                 jax.ShapeDtypeStruct(v.shape, v.dtype),
-                jax.ShapeDtypeStruct(state.shape, jnp.float32),
+                jax.ShapeDtypeStruct(stack.shape, jnp.float32),
             ],
-            input_output_aliases={5: 1},
+            input_output_aliases={6: 1},
             compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
             interpret=interpret,
             name="gated_delta_decode_triton",
         )(*args)
 
     f32 = lambda x: x.astype(jnp.float32)
-    args = (f32(q), f32(k), v, f32(g), f32(beta), f32(state))
-    o, state = triton_or_interpreted(run, interpret, *args)
-    return o, state
+    args = (layer, f32(q), f32(k), v, f32(g), f32(beta), stack)
+    o, stack = triton_or_interpreted(run, interpret, *args)
+    return o, stack if stacked else stack[0]

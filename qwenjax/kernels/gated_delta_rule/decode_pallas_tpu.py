@@ -11,7 +11,9 @@ as rows `[T8, E]` (T padded to 8 sublanes) and are transposed in VMEM, so that a
 column `[E, 1]` broadcasts over the H lanes of S (picked by a masked lane sum, never an
 unaligned slice); a = exp(g) and beta are scalars in
 SMEM. The wrapper l2-normalises and scales q and k and lays the small operands out; the state
-is only reshaped (free), and aliases the new state: with the state donated, in place.
+is only reshaped (free), and aliases the new state: with the state donated, in place. With
+`layer` (prefetched into SMEM), the state is the model's stacked `[L, B, N, E, H]` and the
+state's index map picks the layer, so no slice of the stack is ever copied.
 
 Not timed (no TPU here): opt-in. `interpret=None` stages the call through
 `lax.platform_dependent`: Mosaic when lowered for TPU (also ahead of time from a CPU host), the
@@ -30,7 +32,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 
-def _kernel(q_ref, k_ref, v_ref, a_ref, beta_ref, s_ref, o_ref, s_out_ref, *, tokens: int):
+def _kernel(
+    layer_ref, q_ref, k_ref, v_ref, a_ref, beta_ref, s_ref, o_ref, s_out_ref, *, tokens: int
+):
+    del layer_ref  # the state's block index map has read it
     # q_ref, k_ref [T8, E]; v_ref, o_ref [G, T, H]; a_ref, beta_ref SMEM [G, T]; s_ref [G, E, H]
     lanes = jax.lax.broadcasted_iota(jnp.int32, q_ref.shape[::-1], 1)
     column = lambda x, t: jnp.sum(jnp.where(lanes == t, x, 0.0), axis=1, keepdims=True)
@@ -56,10 +61,13 @@ def gated_delta_decode_pallas_tpu(
     beta: jax.Array,
     state: jax.Array,
     *,
+    layer: jax.Array | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """q, k `[B, T, K, E]` fp32 (normalised, q scaled), v `[B, T, N, H]`, g, beta `[B, T, N]`,
-    state `[B, N, E, H]` fp32 → (o `[B, T, N, H]` in v's dtype, new state, aliasing `state`)."""
+    state `[B, N, E, H]` fp32, or the layers' stacked states `[L, B, N, E, H]` of which `layer`
+    (an int32 scalar, prefetched into SMEM for the state's index map) is advanced → (o
+    `[B, T, N, H]` in v's dtype, the new state or stack, aliasing `state`)."""
     b, t, hk, e = q.shape
     hv, h = v.shape[2:]
     grp = hv // hk
@@ -68,32 +76,40 @@ def gated_delta_decode_pallas_tpu(
     # to 128 in HBM too (at B = 32, T = 3: 67 MB of temporaries beside a 100 MB state).
     rows = lambda x: jnp.pad(f32(x).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, -t % 8), (0, 0)))
     heads = lambda x: jnp.moveaxis(f32(x).reshape(b, t, hk, grp, *x.shape[3:]), 1, 3)
+    stacked = layer is not None
+    stack = f32(state) if stacked else f32(state)[None]
     args = (
+        jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,)),
         rows(q),
         rows(k),
         heads(v),  # [B, K, G, T, H]
         heads(jnp.exp(f32(g))),  # [B, K, G, T]
         heads(beta),
-        f32(state).reshape(b, hk, grp, e, h),
+        stack.reshape(stack.shape[0], b, hk, grp, e, h),  # [L, B, K, G, E, H]
     )
-    qk_spec = pl.BlockSpec((None, None, t + -t % 8, e), lambda i, x: (i, x, 0, 0))
-    v_spec = pl.BlockSpec((None, None, grp, t, h), lambda i, x: (i, x, 0, 0, 0))
+    qk_spec = pl.BlockSpec((None, None, t + -t % 8, e), lambda i, x, _: (i, x, 0, 0))
+    v_spec = pl.BlockSpec((None, None, grp, t, h), lambda i, x, _: (i, x, 0, 0, 0))
     gate_spec = pl.BlockSpec(
-        (None, None, grp, t), lambda i, x: (i, x, 0, 0), memory_space=pltpu.SMEM
+        (None, None, grp, t), lambda i, x, _: (i, x, 0, 0), memory_space=pltpu.SMEM
     )
-    s_spec = pl.BlockSpec((None, None, grp, e, h), lambda i, x: (i, x, 0, 0, 0))
+    s_index = lambda i, x, layer: (layer[0], i, x, 0, 0, 0)  # layer: SMEM prefetch
+    s_spec = pl.BlockSpec((None, None, None, grp, e, h), s_index)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(b, hk),
+        in_specs=[qk_spec, qk_spec, v_spec, gate_spec, gate_spec, s_spec],
+        out_specs=[v_spec, s_spec],
+    )
 
     def call(mode: str, *args):
         return pl.pallas_call(
             functools.partial(_kernel, tokens=t),
-            grid=(b, hk),
-            in_specs=[qk_spec, qk_spec, v_spec, gate_spec, gate_spec, s_spec],
-            out_specs=[v_spec, s_spec],
+            grid_spec=grid_spec,
             out_shape=[
-                jax.ShapeDtypeStruct(args[2].shape, jnp.float32),
-                jax.ShapeDtypeStruct(args[5].shape, jnp.float32),
+                jax.ShapeDtypeStruct(args[3].shape, jnp.float32),
+                jax.ShapeDtypeStruct(args[6].shape, jnp.float32),
             ],
-            input_output_aliases={5: 1},
+            input_output_aliases={6: 1},
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
             interpret={"mosaic": False, "hlo": True, "tpu": pltpu.InterpretParams()}[mode],
             name="gated_delta_decode_mosaic",
@@ -106,4 +122,5 @@ def gated_delta_decode_pallas_tpu(
     else:
         o, state = call("tpu" if interpret else "mosaic", *args)
     o = o.transpose(0, 3, 1, 2, 4).reshape(b, t, hv, h)  # [B, K, G, T, H] → [B, T, N, H]
-    return o.astype(v.dtype), state.reshape(b, hv, e, h)
+    state = state.reshape(stack.shape)
+    return o.astype(v.dtype), state if stacked else state[0]
