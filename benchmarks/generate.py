@@ -70,7 +70,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     weights = param_count(model, include_mtp=False) * dtype.itemsize
     engines = {}
     for name in args.kernels:  # each engine keeps the pins it is built under
-        with kernel_flags(_kernel_spec(name), jax.default_backend()).pinned():
+        try:
+            choice = kernel_flags(_kernel_spec(name), jax.default_backend())
+        except ValueError as e:
+            raise SystemExit(f"--kernels {name}: {e}") from None
+        with choice.pinned():
             engines[name] = Engine(model)
     device = jax.devices()[0]
     bandwidth = _bandwidth(device, args.bandwidth)
