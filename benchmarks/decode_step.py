@@ -53,16 +53,10 @@ def literal_step(q, k, v, g, beta, state):
     return o.reshape(b, HV, D), s.reshape(state.shape)
 
 
-def jnp_path(q, k, v, g, beta, state):
-    """`gated_delta_decode` on "xla": `[B, ...]` one token, `[B, T, ...]` the serial scan."""
-    one = q.ndim == 3
-    if one:
-        q, k, v, g, beta = (x[:, None] for x in (q, k, v, g, beta))
-    o, state = gated_delta_decode(q, k, v, g, beta, state, use_qk_l2norm=False, backend="xla")
-    return (o[:, 0] if one else o), state
+def decode_path(backend: str, block_v: int | None = None):
+    """`gated_delta_decode` on `backend` for `[B, ...]` one token or `[B, T, ...]` tokens;
+    with `block_v`, the Pallas GPU kernel called directly at that value block."""
 
-
-def kernel_path(backend: str, block_v: int | None):
     def fn(q, k, v, g, beta, state):
         one = q.ndim == 3
         if one:
@@ -71,14 +65,18 @@ def kernel_path(backend: str, block_v: int | None):
             o, state = gated_delta_decode(
                 q, k, v, g, beta, state, use_qk_l2norm=False, backend=backend
             )
-        else:  # q, k as the kernel takes them: fp32, scaled
+        else:  # q, k as the kernel takes them: fp32, scaled; the state as a stack of one
             q, k = (x.astype(jnp.float32) for x in (q * D**-0.5, k))
-            o, state = decode_pallas_gpu.gated_delta_decode_pallas_gpu(
-                q, k, v, g, beta, state, block_v=block_v
+            o, stack = decode_pallas_gpu.gated_delta_decode_pallas_gpu(
+                q, k, v, g, beta, state[None], 0, block_v=block_v
             )
+            state = stack[0]
         return (o[:, 0] if one else o), state
 
     return fn
+
+
+jnp_path = decode_path("xla")  # the step for one token, the token-serial scan for more
 
 
 def check(fn, xs, state) -> float:
@@ -134,9 +132,9 @@ def main() -> None:
     kernel = args.kernel or {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend())
     kernels = {}
     if kernel == "pallas_gpu":
-        kernels = {f"pallas_gpu bv={bv}": kernel_path(kernel, bv) for bv in args.block_v}
+        kernels = {f"pallas_gpu bv={bv}": decode_path(kernel, bv) for bv in args.block_v}
     elif kernel == "pallas_tpu":
-        kernels = {"pallas_tpu": kernel_path(kernel, None)}
+        kernels = {"pallas_tpu": decode_path(kernel)}
     device, stamp = jax.devices()[0], utc_stamp()
     print(f"{device.device_kind}, jax {jax.__version__}, {stamp}", flush=True)
     peaks = measure_peaks(matmul=False)

@@ -47,9 +47,10 @@ def decode(name: str, x: dict, **options):
             q, k = gdn_api.prepare_qk(
                 q, k, options.get("scale"), options.get("use_qk_l2norm", True)
             )
-            return decode_pallas_tpu.gated_delta_decode_pallas_tpu(
-                q, k, v, g, beta, state, interpret=True
+            o, stack = decode_pallas_tpu.gated_delta_decode_pallas_tpu(
+                q, k, v, g, beta, state[None], 0, interpret=True
             )
+            return o, stack[0]
     else:
         fn = lambda *a: gated_delta_decode(*a, backend=name, **options)
     args = [jnp.asarray(x[n]) for n in ("q", "k", "v", "g", "beta")] + [jnp.array(x["state"])]

@@ -289,4 +289,7 @@ def gated_delta_decode(
         "pallas_gpu": decode_pallas_gpu.gated_delta_decode_pallas_gpu,
         "pallas_tpu": decode_pallas_tpu.gated_delta_decode_pallas_tpu,
     }[backend]
-    return kernel(q, k, v, g, beta, state, layer=layer)
+    if layer is not None:
+        return kernel(q, k, v, g, beta, state, layer)
+    o, stack = kernel(q, k, v, g, beta, state[None], 0)  # a lone state: a stack of one
+    return o, stack[0]

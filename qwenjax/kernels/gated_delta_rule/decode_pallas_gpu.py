@@ -12,10 +12,10 @@ across the tokens:
 
 with q, k already l2-normalised and q scaled (in the wrapper: `[B, T, K, E]` is tiny beside
 the state). A token with g = beta = 0 leaves S as it is (the model's padding). The new state
-aliases the old one: under `jit` with the state donated, the update is in place. With `layer`,
-the state is the stacked states of the model's scanned blocks `[L, B, N, E, H]` (the scan's
-carry) and the kernel indexes layer `layer` itself: a slice handed to a kernel would be a
-copy, and its result another write back into the stack.
+aliases the old one: under `jit` with the state donated, the update is in place. The state is
+the stacked states of the model's scanned blocks `[L, B, N, E, H]` (the scan's carry; L = 1 for
+a lone state) and the kernel indexes layer `layer` itself: a slice handed to a kernel would be
+a copy, and its result another write back into the stack.
 
 Not timed yet: "auto" keeps the jnp path until `benchmarks/decode_step.py` shows this is faster
 on a GPU. Where it runs: Triton when lowered for CUDA, the interpreter elsewhere.
@@ -70,24 +70,21 @@ def gated_delta_decode_pallas_gpu(
     v: jax.Array,
     g: jax.Array,
     beta: jax.Array,
-    state: jax.Array,
+    stack: jax.Array,
+    layer: jax.Array,
     *,
-    layer: jax.Array | None = None,
     block_v: int = BLOCK_V,
     num_warps: int = 4,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """q, k `[B, T, K, E]` fp32 (normalised, q scaled), v `[B, T, N, H]`, g, beta `[B, T, N]`,
-    state `[B, N, E, H]` fp32, or the layers' stacked states `[L, B, N, E, H]` of which `layer`
-    (an int32 scalar) is advanced → (o `[B, T, N, H]` in v's dtype, the new state or stack,
-    aliasing `state`). `interpret=None`: Triton when lowered for CUDA, the interpreter elsewhere."""
+    the layers' stacked fp32 states `[L, B, N, E, H]` of which `layer` (an int32 scalar) is
+    advanced → (o `[B, T, N, H]` in v's dtype, the new stack, aliasing `stack`).
+    `interpret=None`: Triton when lowered for CUDA, the interpreter elsewhere."""
     b, t, hk, e = q.shape
     hv, h = v.shape[2:]
     if not supports(e, h):
         raise ValueError(f"gated delta decode kernel: needs power-of-two E, H >= 16; got {e}, {h}")
-    stacked = layer is not None
-    stack = state.astype(jnp.float32) if stacked else state.astype(jnp.float32)[None]
-    layer = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     grp, bv = hv // hk, min(block_v, h)
     qk_spec = pl.BlockSpec((None, t, None, e), lambda i, n, j: (i, 0, n // grp, 0))
     v_spec = pl.BlockSpec((None, t, None, bv), lambda i, n, j: (i, 0, n, j))
@@ -113,6 +110,6 @@ def gated_delta_decode_pallas_gpu(
         )(*args)
 
     f32 = lambda x: x.astype(jnp.float32)
-    args = (layer, f32(q), f32(k), v, f32(g), f32(beta), stack)
-    o, stack = triton_or_interpreted(run, interpret, *args)
-    return o, stack if stacked else stack[0]
+    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    args = (layer, f32(q), f32(k), v, f32(g), f32(beta), f32(stack))
+    return triton_or_interpreted(run, interpret, *args)

@@ -11,9 +11,9 @@ as rows `[T8, E]` (T padded to 8 sublanes) and are transposed in VMEM, so that a
 column `[E, 1]` broadcasts over the H lanes of S (picked by a masked lane sum, never an
 unaligned slice); a = exp(g) and beta are scalars in
 SMEM. The wrapper l2-normalises and scales q and k and lays the small operands out; the state
-is only reshaped (free), and aliases the new state: with the state donated, in place. With
-`layer` (prefetched into SMEM), the state is the model's stacked `[L, B, N, E, H]` and the
-state's index map picks the layer, so no slice of the stack is ever copied.
+is only reshaped (free), and aliases the new state: with the state donated, in place. The state
+is the model's stacked `[L, B, N, E, H]` (L = 1 for a lone state) and its index map picks the
+layer, prefetched into SMEM, so no slice of the stack is ever copied.
 
 Not timed (no TPU here): opt-in. `interpret=None` stages the call through
 `lax.platform_dependent`: Mosaic when lowered for TPU (also ahead of time from a CPU host), the
@@ -59,15 +59,15 @@ def gated_delta_decode_pallas_tpu(
     v: jax.Array,
     g: jax.Array,
     beta: jax.Array,
-    state: jax.Array,
+    stack: jax.Array,
+    layer: jax.Array,
     *,
-    layer: jax.Array | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """q, k `[B, T, K, E]` fp32 (normalised, q scaled), v `[B, T, N, H]`, g, beta `[B, T, N]`,
-    state `[B, N, E, H]` fp32, or the layers' stacked states `[L, B, N, E, H]` of which `layer`
-    (an int32 scalar, prefetched into SMEM for the state's index map) is advanced → (o
-    `[B, T, N, H]` in v's dtype, the new state or stack, aliasing `state`)."""
+    the layers' stacked fp32 states `[L, B, N, E, H]` of which `layer` (an int32 scalar,
+    prefetched into SMEM for the state's index map) is advanced → (o `[B, T, N, H]` in v's
+    dtype, the new stack, aliasing `stack`)."""
     b, t, hk, e = q.shape
     hv, h = v.shape[2:]
     grp = hv // hk
@@ -76,16 +76,14 @@ def gated_delta_decode_pallas_tpu(
     # to 128 in HBM too (at B = 32, T = 3: 67 MB of temporaries beside a 100 MB state).
     rows = lambda x: jnp.pad(f32(x).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, -t % 8), (0, 0)))
     heads = lambda x: jnp.moveaxis(f32(x).reshape(b, t, hk, grp, *x.shape[3:]), 1, 3)
-    stacked = layer is not None
-    stack = f32(state) if stacked else f32(state)[None]
     args = (
-        jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,)),
+        jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
         rows(q),
         rows(k),
         heads(v),  # [B, K, G, T, H]
         heads(jnp.exp(f32(g))),  # [B, K, G, T]
         heads(beta),
-        stack.reshape(stack.shape[0], b, hk, grp, e, h),  # [L, B, K, G, E, H]
+        f32(stack).reshape(stack.shape[0], b, hk, grp, e, h),  # [L, B, K, G, E, H]
     )
     qk_spec = pl.BlockSpec((None, None, t + -t % 8, e), lambda i, x, _: (i, x, 0, 0))
     v_spec = pl.BlockSpec((None, None, grp, t, h), lambda i, x, _: (i, x, 0, 0, 0))
@@ -122,5 +120,4 @@ def gated_delta_decode_pallas_tpu(
     else:
         o, state = call("tpu" if interpret else "mosaic", *args)
     o = o.transpose(0, 3, 1, 2, 4).reshape(b, t, hv, h)  # [B, K, G, T, H] → [B, T, N, H]
-    state = state.reshape(stack.shape)
-    return o.astype(v.dtype), state if stacked else state[0]
+    return o.astype(v.dtype), state.reshape(stack.shape)
