@@ -43,6 +43,7 @@ _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][\w-]*)\((?=%|\))"
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 # Not writes: views, the loop and its carried tuple, and TPU buffer allocations (custom calls;
 # Pallas kernels write in place into their aliased inputs here).
+_IN_PLACE = {"dynamic-update-slice", "scatter"}
 _FREE = {"bitcast", "get-tuple-element", "parameter", "tuple", "constant", "custom-call", "while"}
 
 
@@ -56,9 +57,25 @@ def device_for(target: str) -> jax.Device:
     return topologies.get_topology_desc(target, platform="tpu").devices[0]
 
 
+def _roots(hlo: str) -> dict[str, str]:
+    """Each computation's root op (a fusion's: what the fusion does in the end)."""
+    roots, computation = {}, ""
+    for line in hlo.splitlines():
+        if line and not line.startswith(" "):
+            computation = line.split(" ")[0].lstrip("%")
+        elif line.lstrip().startswith("ROOT ") and (m := _INSTRUCTION.match(line)):
+            roots[computation] = m.group(3)
+    return roots
+
+
 def large_writes(hlo: str, min_bytes: int) -> list[dict]:
     """Instructions of the entry computation and of loop bodies (not fusions' insides) whose
-    result has at least `min_bytes`: `{op, shape, mib, name, computation}`."""
+    result has at least `min_bytes`: `{op, shape, mib, name, computation, in_place}`.
+
+    `in_place`: a slice update or scatter (or a fusion ending in one), which XLA runs in the
+    buffer of its first operand, writing only the update; it is listed for its result's size,
+    but where XLA cannot reuse the buffer it copies it first, and that copy is listed too."""
+    roots = _roots(hlo)
     rows, computation = [], ""
     for line in hlo.splitlines():
         if line and not line.startswith(" "):
@@ -78,9 +95,11 @@ def large_writes(hlo: str, min_bytes: int) -> list[dict]:
             if size >= min_bytes:
                 fused = re.search(r"calls=%([\w.-]+)", line)
                 kind = fused.group(1) if op == "fusion" and fused else op
+                root = roots.get(kind, op) if op == "fusion" else op
                 rows.append(
                     dict(op=kind, shape=f"{dtype}[{dims}]", mib=size / 2**20, name=name,
-                         computation="entry" if computation == "ENTRY" else "loop body")
+                         computation="entry" if computation == "ENTRY" else "loop body",
+                         in_place=root in _IN_PLACE)
                 )  # fmt: skip
     return rows
 
@@ -157,7 +176,8 @@ def main() -> None:
         f"27B geometry with {args.blocks} of its 16 super-blocks (scanned: one block's body is "
         f"what each block runs), {args.batch} rows x {args.max_length} cache slots, bf16, the "
         f"cache donated. Writes of at least {args.min_mib:.0f} MiB outside fusions' bodies, "
-        "grouped; each is usually read back as well.",
+        "grouped; each is usually read back as well, except those in place (slice updates and "
+        "scatters into their operand's buffer), which write only their update.",
     ]
     for r in rows:
         lines += [
@@ -167,16 +187,17 @@ def main() -> None:
             f"Temporaries {r['temp_mib']:.0f} MiB; the whole cache is {r['cache_mib']:.0f} MiB, "
             f"the weights {r['weight_mib']:.0f} MiB.",
             "",
-            "| where | op | result | MiB each | count |",
-            "| --- | --- | --- | --- | --- |",
+            "| where | op | result | MiB each | count | in place |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         groups = collections.Counter(
-            (w["computation"], re.sub(r"\.\d+$", "", w["op"]), w["shape"], round(w["mib"]))
+            (w["computation"], re.sub(r"\.\d+$", "", w["op"]), w["shape"], round(w["mib"]),
+             "yes" if w["in_place"] else "")
             for w in r["large_writes"]
-        )
+        )  # fmt: skip
         lines += [
-            f"| {c} | {op} | {shape} | {mib} | {n} |"
-            for (c, op, shape, mib), n in sorted(groups.items())
+            f"| {c} | {op} | {shape} | {mib} | {n} | {in_place} |"
+            for (c, op, shape, mib, in_place), n in sorted(groups.items())
         ]
     device = args.target.replace(":", "-") + "-compile-only"
     meta = {"jax": jax.__version__, "target": args.target}

@@ -90,3 +90,20 @@ def plan_27b(tmp_path_factory):
 
 
 _PLAN: dict = {}  # the background `qwenjax plan` run, started at collection
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_engine_thread_outlives_its_module():
+    """A serving scheduler's device loop still running after its test module would compile and
+    run beside the next modules' tests (or in a dying interpreter): each module stops what it
+    starts."""
+    yield
+    import threading
+    import time
+
+    deadline = time.monotonic() + 60
+    while (left := [t for t in threading.enumerate() if t.name == "qwenjax-scheduler"]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert not left, f"engine threads still running after the module: {left}"

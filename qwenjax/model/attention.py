@@ -70,23 +70,31 @@ class GatedAttention(nnx.Module):
         o = o * jax.nn.sigmoid(gate)
         return dense("btnh,nhd->btd", o, self.o_proj, self.o_proj_lora, self.dtype)
 
-    def extend(self, x: jax.Array, ctx: Context, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def extend(
+        self, x: jax.Array, ctx: Context, cache: KVCache, layer: jax.Array | None = None
+    ) -> tuple[jax.Array, KVCache]:
         """Tokens at cache slots `ctx.token_index` (consecutive per row): write, then attend.
 
         Every token's K/V is written (the cache length is the caller's bookkeeping); a query at
-        slot p reads slots ≤ p, all written by earlier kept tokens or by this call.
+        slot p reads slots ≤ p, all written by earlier kept tokens or by this call. With `layer`,
+        `cache` holds the scanned blocks' stacked caches `[L, B, S, K, H]`: only the new slots
+        of `[layer]` are written and the stack is returned (a slice of it would be a copy of the
+        layer's whole cache, and writing it back another, every decode step).
         """
         q, gate, k, v = self._qkv(x, ctx)
         start = ctx.token_index[:, 0]
-        cache = KVCache(k=write_rows(cache.k, k, start), v=write_rows(cache.v, v, start))
-        cache = KVCache(k=ax.constrain(cache.k, KV_CACHE), v=ax.constrain(cache.v, KV_CACHE))
-        o = ax.shard_kernel(
-            lambda q, k, v, qp: cache_attention(q, k, v, q_positions=qp),
-            (q, cache.k, cache.v, ctx.token_index),
-            (Q, KV, KV, POS),
-            Q,
-        )  # [B, T, N, H]
-        return self._out(o, gate), cache
+        names = KV_CACHE if layer is None else (ax.LAYERS, *KV_CACHE)
+        write = lambda buffer, new: ax.constrain(write_rows(buffer, new, start, layer), names)
+        k, v = write(cache.k, k), write(cache.v, v)
+        if layer is None:
+            attend = lambda q, k, v, qp: cache_attention(q, k, v, q_positions=qp)
+            args, kv = (q, k, v, ctx.token_index), KV
+        else:
+            attend = lambda q, k, v, qp, i: cache_attention(q, k, v, q_positions=qp, layer=i)
+            args, kv = (q, k, v, ctx.token_index, layer), (ax.LAYERS, *KV)
+        names = (Q, kv, kv, POS) + ((),) * (layer is not None)
+        o = ax.shard_kernel(attend, args, names, Q)  # [B, T, N, H]
+        return self._out(o, gate), KVCache(k=k, v=v)
 
     def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
         q, gate, k, v = self._qkv(x, ctx)

@@ -49,9 +49,8 @@ class DecoderLayer(nnx.Module):
         self, x: jax.Array, ctx: Context, cache: LayerCache, layer: jax.Array | None = None
     ) -> tuple[jax.Array, Any, Any]:
         """`__call__` continuing from `cache`: (x, new cache, pending GDN inputs or None).
-        `layer`: a Gated DeltaNet cache's state is the stack of the scanned blocks' states."""
-        extra = () if layer is None or isinstance(self.mixer, GatedAttention) else (layer,)
-        out = self.mixer.extend(self.input_layernorm(x), ctx, cache, *extra)
+        `layer`: the cache holds the scanned blocks' stacks (see `Qwen35.extend_embedded`)."""
+        out = self.mixer.extend(self.input_layernorm(x), ctx, cache, layer)
         y, cache, pending = out if len(out) == 3 else (*out, None)
         x = x + y
         return x + self.mlp(self.post_attention_layernorm(x)), cache, pending

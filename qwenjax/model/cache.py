@@ -133,10 +133,21 @@ def logical_axes(cache: Cache) -> Any:
     )
 
 
-def write_rows(buffer: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
-    """`buffer [B, S, ...]` with `update [B, T, ...]` written at slots `start[b]`... per row."""
-    put = lambda buf, upd, s: jax.lax.dynamic_update_slice_in_dim(buf, upd, s, axis=0)
-    return jax.vmap(put)(buffer, update.astype(buffer.dtype), start)
+def write_rows(
+    buffer: jax.Array, update: jax.Array, start: jax.Array, layer: jax.Array | None = None
+) -> jax.Array:
+    """`buffer [B, S, ...]` with `update [B, T, ...]` written at slots `start[b]`... per row.
+    With `layer`, `buffer` is a stack `[L, B, S, ...]` and only `buffer[layer]` is written:
+    the T new slots of each row, not a copy of the layer's whole cache."""
+    update = update.astype(buffer.dtype)
+    if layer is None:
+        put = lambda buf, upd, s: jax.lax.dynamic_update_slice_in_dim(buf, upd, s, axis=0)
+        return jax.vmap(put)(buffer, update, start)
+    # One scatter into the stack: vmapping a slice update over its row axis made XLA move
+    # that axis to the front, a transposed copy of the whole stack.
+    b, t = update.shape[:2]
+    slots = start[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    return buffer.at[layer, jnp.arange(b)[:, None], slots].set(update, mode="drop")
 
 
 def read_rows(buffer: jax.Array, start: jax.Array, size: int) -> jax.Array:

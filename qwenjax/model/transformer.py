@@ -54,18 +54,19 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
 
 
 def _block_view(stacked: LayerCache, i: jax.Array) -> LayerCache:
-    """Block i's cache of one layer position, but a Gated DeltaNet state stays the whole stack."""
+    """What block i's layer gets of a stacked cache: the stacks themselves, which the layers
+    index in place, except a Gated DeltaNet conv state (a few tokens a row), sliced."""
     if isinstance(stacked, DeltaNetCache):
         return DeltaNetCache(conv=stacked.conv[i], state=stacked.state)
-    return jax.tree.map(lambda c: c[i], stacked)
+    return stacked
 
 
 def _block_put(stacked: LayerCache, new: LayerCache, i: jax.Array) -> LayerCache:
-    """`stacked` with block i's `new` cache (a Gated DeltaNet state: `new` is the stack)."""
-    put = lambda c, n: jax.lax.dynamic_update_index_in_dim(c, n, i, 0)
+    """`stacked` after block i's layer returned `new` (`_block_view`'s inverse)."""
     if isinstance(stacked, DeltaNetCache):
-        return DeltaNetCache(conv=put(stacked.conv, new.conv), state=new.state)
-    return jax.tree.map(put, stacked, new)
+        conv = jax.lax.dynamic_update_index_in_dim(stacked.conv, new.conv, i, 0)
+        return DeltaNetCache(conv=conv, state=new.state)
+    return new
 
 
 class Qwen35(nnx.Module):
@@ -241,12 +242,12 @@ class Qwen35(nnx.Module):
         vision tower's tokens in `x` and 3-D positions in `ctx`)."""
         graphdef, state = nnx.split(self.blocks)
 
-        # The stacked cache rides in the carry, each block reading its slice and writing it back:
-        # as scanned inputs with stacked outputs, XLA kept a second whole cache beside the
-        # donated one and copied it out after the loop, every decode step (tests/inference/
-        # test_decode_memory.py; benchmarks/decode_hlo.py lists what a step still writes). The
-        # GDN states are not sliced at all: the layers advance `state[i]` of the stack in place
-        # (a decode kernel would otherwise get a copy of its slice, and the stack the result).
+        # The stacked cache rides in the carry: as scanned inputs with stacked outputs, XLA kept
+        # a second whole cache beside the donated one and copied it out after the loop, every
+        # decode step (tests/inference/test_decode_memory.py; benchmarks/decode_hlo.py lists
+        # what a step still writes). Nor is a layer's slice cut out: the layers write their new
+        # KV slots and advance `state[i]` in the stack itself (a slice would be a copy, and
+        # writing it back another, of the whole layer's cache).
         def body(carry, xs):
             x, blocks = carry
             block_state, i = xs

@@ -1,12 +1,13 @@
 """The compiled decode step updates the cache in place: the scan over super-blocks carries the
-stacked cache (each block reads its slice and writes it back) instead of taking it as scanned
-inputs and stacking new outputs, which made XLA hold a second copy of the whole cache and copy
-it out after the loop (v5p: 2904 MiB of temporaries, H100: 2594 MiB, for a 1611 MiB cache).
+stacked cache instead of taking it as scanned inputs and stacking new outputs, which made XLA
+hold a second copy of the whole cache and copy it out after the loop (v5p: 2904 MiB of
+temporaries, H100: 2594 MiB, for a 1611 MiB cache).
 
-With the Gated DeltaNet decode kernel pinned, the layers advance their state inside the
-carried stack (the kernel takes the stack and the block index, aliased): no state is copied out
-of the stack or written back around the kernel (before: a 96 MiB copy in and a write-back per
-layer).
+With the decode kernels pinned (attention and Gated DeltaNet), the layers work inside the
+carried stacks: the kernels take the stack and the block index, the attention layers scatter
+only their new slots into it, and no KV cache or state is copied out of the stack or written
+back (before: per attention layer and step a 256 MiB copy of K and of V and a 256 MiB write-back
+of each; per Gated DeltaNet layer a 96 MiB copy and write-back of its state).
 
 Compiled, not run: the 27B geometry with 2 of its 16 super-blocks, 32 rows x 4096 slots, for a
 v5p and an H100 from this CPU (`benchmarks/decode_hlo.py` lists what remains).
@@ -21,9 +22,11 @@ import json, sys
 from benchmarks.decode_hlo import compile_decode
 target, tokens, kernels = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 r = compile_decode(target, blocks=2, batch=32, max_length=4096, tokens=tokens, kernels=kernels)
-state_writes = [w for w in r["large_writes"] if w["shape"].startswith("f32")]
+# Whole KV caches (4096 slots) or fp32 states written, other than by in-place updates.
+cache_writes = [w for w in r["large_writes"] if not w["in_place"]
+                and (w["shape"].startswith("f32") or ",4096," in w["shape"])]
 print(json.dumps({"temp_mib": r["temp_mib"], "cache_mib": r["cache_mib"],
-                  "state_writes": state_writes}))
+                  "cache_writes": cache_writes}))
 """
 
 
@@ -46,8 +49,13 @@ def test_h100_decode_step_holds_no_second_cache():
 @needs_cuda_plugin
 @pytest.mark.parametrize(
     ("target", "tokens", "kernels"),
-    [("v5p:2x2x1", 3, "gdn=pallas_tpu"), ("h100", 1, "gdn=pallas_gpu")],
+    [
+        ("v5p:2x2x1", 3, "attention=pallas_tpu,gdn=pallas_tpu"),
+        ("h100", 1, "attention=pallas_gpu,gdn=pallas_gpu"),
+    ],
 )
-def test_decode_kernel_advances_the_state_inside_the_stack(target, tokens, kernels):
+def test_decode_kernels_work_inside_the_stacked_cache(target, tokens, kernels):
     report = compile_report(REPORT, target, tokens, kernels, pythonpath=cuda_plugin_path())
-    assert report["state_writes"] == [], report
+    assert report["cache_writes"] == [], report
+    # Measured: v5p 141 MiB, H100 218 MiB (before: 1023 and 730, one layer's slices copied).
+    assert report["temp_mib"] < 256, report

@@ -64,10 +64,19 @@ KERNELS = {
 BLOCKS = {"gpu": decode_pallas_gpu.BLOCK, "tpu": decode_pallas_tpu.BLOCK}
 
 
-def kernel(name, q, k, v, positions):
+def kernel(name, q, k, v, positions, layer=1):
+    """The kernel on caches k, v put at `layer` of stacks of 3 layers whose others are NaN: a
+    read of the wrong layer shows."""
+
+    def stack(c):
+        out = np.full((3, *c.shape), np.nan, c.dtype)
+        out[layer] = c
+        return out
+
     scale = q.shape[-1] ** -0.5
-    run = jax.jit(lambda *a: KERNELS[name](*a[:3], q_positions=a[3], scale=scale))
-    return np.asarray(run(*map(jnp.asarray, (q, k, v, positions))))
+    run = jax.jit(lambda *a: KERNELS[name](*a[:4], q_positions=a[4], scale=scale))
+    args = (q, stack(k), stack(v), np.int32(layer), positions)
+    return np.asarray(run(*map(jnp.asarray, args)))
 
 
 @pytest.mark.parametrize("name", list(KERNELS))
@@ -82,7 +91,7 @@ def kernel(name, q, k, v, positions):
 )
 def test_decode_kernel_matches_float64_oracle(name, b, t, s, h, last):
     q, k, v, positions = case(b, t, s, h, seed=s + t, last=last)
-    got = kernel(name, q, k, v, positions)
+    got = kernel(name, q, k, v, positions, layer=t % 3)  # layer 1 or 0 of the stack
     assert got.shape == q.shape and got.dtype == np.float32
     err = rel_err(got, expected(q, k, v, positions))
     assert err <= 1e-5, err
@@ -142,6 +151,23 @@ def test_cache_attention_dispatch(monkeypatch):
     with auto_backend("pallas_tpu"):
         pinned = attention(k.repeat(3, 2), k, v, **self_attention)
     assert rel_err(pinned, attention(k.repeat(3, 2), k, v, backend="xla", **self_attention)) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas_gpu", "pallas_tpu"])
+def test_cache_attention_reads_one_layer_of_a_stack(backend):
+    """`layer=` reads that layer of stacked caches `[L, B, S, K, H]` (the others NaN) as the
+    same call on the lone cache does; mis-shaped caches are refused naming the shapes."""
+    q, k, v, positions = map(jnp.asarray, case(2, 3, 45, 16, seed=9))
+    nan = jnp.full_like(k, jnp.nan)
+    stack = lambda c: jnp.stack([nan, nan, c, nan])
+    got = cache_attention(q, stack(k), stack(v), q_positions=positions, layer=2, backend=backend)
+    want = cache_attention(q, k, v, q_positions=positions, backend=backend)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert rel_err(want, expected(q, k, v, positions)) <= 1e-5
+    with pytest.raises(ValueError, match=r"\[L, B, S, K, H\] stacks.*\(45, 2, 16\)"):
+        cache_attention(q, k[0], v[0], q_positions=positions, layer=0, backend=backend)
+    with pytest.raises(ValueError, match=r"must be \[B, S, K, H\]"):
+        cache_attention(q, stack(k), stack(v), q_positions=positions, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])

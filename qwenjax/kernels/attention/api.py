@@ -182,12 +182,16 @@ def cache_attention(
     v: jax.Array,
     *,
     q_positions: jax.Array,
+    layer: jax.Array | None = None,
     scale: float | None = None,
     backend: str = "auto",
 ) -> jax.Array:
     """Causal attention of `q [B, T, N, H]` at `q_positions [B, T]` over a KV cache `k, v
     [B, S, K, H]` whose slot s holds position s (slots after a query's position are unwritten
-    or stale, and hidden).
+    or stale, and hidden). With `layer` (an int32 scalar), k and v are the stacked caches
+    `[L, B, S, K, H]` of the model's scanned blocks and layer `layer` is read: the kernels
+    index the stack themselves, since a slice handed to them would be a copy of the layer's
+    whole cache every step.
 
     backend: "xla" or "chunked" (`attention`'s math), "pallas_gpu" / "pallas_tpu" (the decode
     kernels, for up to `MAX_ROWS` T x G query rows per kv head, the GPU one for power-of-two head
@@ -201,10 +205,18 @@ def cache_attention(
     if backend == "auto" and _pins.top() in CACHE_BACKENDS:
         backend = _pins.top()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    stacked = layer is not None
+    if k.ndim != 4 + stacked or v.shape != k.shape:
+        want = "[L, B, S, K, H] stacks (layer given)" if stacked else "[B, S, K, H]"
+        raise ValueError(f"cache attention: k and v must be {want}; got {k.shape}, {v.shape}")
     kernel = _CACHE_KERNELS.get(backend)
-    if kernel is not None and kernel.supports(q.shape, k.shape):
+    if kernel is not None and kernel.supports(q.shape, k.shape[stacked:]):
         run = getattr(kernel, f"decode_attention_{backend}")
-        return run(q, k, v, q_positions=q_positions, scale=scale)
+        if not stacked:
+            k, v, layer = k[None], v[None], 0
+        return run(q, k, v, jnp.asarray(layer, jnp.int32), q_positions=q_positions, scale=scale)
+    if stacked:
+        k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in (k, v))
     kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
     return attention(
         q,

@@ -13,9 +13,11 @@ whole cache whatever the rows' lengths (32 slots x 32K slots of the 27B: ~34 GB 
 
 and writes its split's (o, m, l); the splits are merged in jnp, in their fixed order:
 out = sum_j o_j e^(m_j - M) / sum_j l_j e^(m_j - M), zeros for a query that sees no key (as the
-reference). Blocks past n_b are never read. A row's result depends on its own queries and keys
-and on S alone (block and split sizes follow from S), not on the batch it is in, so a request
-decodes the same next to any others.
+reference). Blocks past n_b are never read. The cache is the stacked caches of the model's
+scanned blocks `[L, B, S, K, H]` (L = 1 for a lone cache) and the kernel reads layer `layer`
+itself: a slice handed to it would be a copy of the layer's whole cache every step. A row's
+result depends on its own queries and keys and on S alone (block and split sizes follow from
+S), not on the batch it is in, so a request decodes the same next to any others.
 
 Shapes Triton needs: the T x G query rows are padded to a power of two of at least 16 (tl.dot's
 smallest), H must be a power of two. S need not be a multiple of the block: the last block is
@@ -61,11 +63,12 @@ def _block(s: int) -> int:
 
 
 def _split_kernel(
+    layer_ref,  # [1] the layer of the stack to read
     n_ref,  # [1] keys row b may see: 1 + its last query's position
     pos_ref,  # [R] each query row's position (-1: a padding row)
     q_ref,  # [R, H]
-    k_ref,  # [S, H] kv head k of row b
-    v_ref,  # [S, H]
+    k_ref,  # [L, B, S, K, H] the whole stack, of which [layer, b, :, k] is read
+    v_ref,  # [L, B, S, K, H]
     o_ref,  # [R, H] out: unnormalised output of split j, fp32
     m_ref,  # [R, 1] out: running max
     l_ref,  # [R, 1] out: running sum of exp
@@ -74,7 +77,9 @@ def _split_kernel(
     block: int,
     split_blocks: int,
 ):
-    s_len = k_ref.shape[0]
+    s_len = k_ref.shape[2]
+    at = (layer_ref[0], pl.program_id(0))  # (layer, row); read outside the loop body
+    head = pl.program_id(1)
     first = pl.program_id(2) * split_blocks
     last = jnp.minimum(first + split_blocks, (n_ref[0] + block - 1) // block)
     q = q_ref[...]
@@ -85,8 +90,8 @@ def _split_kernel(
         start = jnp.minimum(i * block, s_len - block)
         idx = start + cols  # [BLOCK] cache slots read
         visible = (idx[None, :] <= pos[:, None]) & (idx[None, :] >= i * block)
-        k = k_ref[pl.ds(start, block), :]
-        v = v_ref[pl.ds(start, block), :]
+        k = k_ref[(*at, pl.ds(start, block), head, slice(None))]
+        v = v_ref[(*at, pl.ds(start, block), head, slice(None))]
         return attend_block(q, k, v, visible, scale, *carry)
 
     rows, h = q_ref.shape
@@ -105,6 +110,7 @@ def decode_attention_pallas_gpu(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
+    layer: jax.Array,
     *,
     q_positions: jax.Array,
     scale: float,
@@ -112,16 +118,17 @@ def decode_attention_pallas_gpu(
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> jax.Array:
-    """q `[B, T, N, H]` at `q_positions [B, T]` over the cache k, v `[B, S, K, H]` whose slot s
-    holds position s; causal (a query sees slots <= its position). Returns `[B, T, N, H]` in
-    v's dtype. `interpret=None`: Triton when lowered for CUDA, the interpreter elsewhere."""
-    if not supports(q.shape, k.shape):
+    """q `[B, T, N, H]` at `q_positions [B, T]` over layer `layer` (an int32 scalar) of the
+    stacked caches k, v `[L, B, S, K, H]`, whose slot s holds position s; causal (a query sees
+    slots <= its position). Returns `[B, T, N, H]` in v's dtype. `interpret=None`: Triton when
+    lowered for CUDA, the interpreter elsewhere."""
+    if not supports(q.shape, k.shape[1:]):
         raise ValueError(
             f"decode attention kernel: needs a power-of-two head dim >= 16, >= 16 cache slots "
             f"and T x G <= {MAX_ROWS}; got q {q.shape}, cache {k.shape}"
         )
     b, t, n, h = q.shape
-    s, kv = k.shape[1], k.shape[2]
+    s, kv = k.shape[2], k.shape[3]
     g = n // kv
     rows = _rows(t, g)
     block = _block(s)
@@ -130,12 +137,14 @@ def decode_attention_pallas_gpu(
 
     qr, pos, n_keys = to_rows(q, q_positions, kv, s, rows)  # [B, K, R, H], [B, R], [B]
 
+    # The whole stacks, indexed in the kernel: a block spec cannot follow a traced layer index.
     in_specs = [
+        pl.BlockSpec((1,), lambda i, x, j: (0,)),
         pl.BlockSpec((1,), lambda i, x, j: (i,)),
         pl.BlockSpec((None, rows), lambda i, x, j: (i, 0)),
         pl.BlockSpec((None, None, rows, h), lambda i, x, j: (i, x, 0, 0)),
-        pl.BlockSpec((None, s, None, h), lambda i, x, j: (i, 0, x, 0)),
-        pl.BlockSpec((None, s, None, h), lambda i, x, j: (i, 0, x, 0)),
+        pl.no_block_spec,
+        pl.no_block_spec,
     ]
     out_specs = [
         pl.BlockSpec((None, None, None, rows, h), lambda i, x, j: (i, x, j, 0, 0)),
@@ -161,7 +170,8 @@ def decode_attention_pallas_gpu(
             name="decode_attention_triton",
         )(*args)
 
-    o, m, den = triton_or_interpreted(run, interpret, n_keys, pos, qr, k, v)
+    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    o, m, den = triton_or_interpreted(run, interpret, layer, n_keys, pos, qr, k, v)
     return from_rows(_merge(o, m, den), t, n).astype(v.dtype)
 
 

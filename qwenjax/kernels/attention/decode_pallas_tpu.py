@@ -2,12 +2,13 @@
 `decode_pallas_gpu.py`, reading only the key blocks each row can see.
 
 The grid is (row b, key block i), the blocks sequential. Each row's number of keys
-n_b = 1 + max_t position[b, t] is prefetched into SMEM, and the K/V block index map clamps i to
-the row's last block: a block past it maps to the one already in VMEM, so the pipeline fetches
-nothing for it, and the body skips it (`pl.when`). All K heads of a block come in one DMA
-(`[BLOCK, K, H]`: Mosaic wants a block's last two dims whole or tiled, and a reshape of the cache
-to `[B, S, K*H]` is a copy on TPU, whose tiled layouts differ: 6 GiB at 32 x 32K slots). For the
-blocks it runs, per kv head k:
+n_b = 1 + max_t position[b, t] and the layer to read of the stacked caches `[L, B, S, K, H]`
+(the model's scanned blocks; a slice of the stack would be a copy) are prefetched into SMEM,
+and the K/V block index map clamps i to the row's last block: a block past it maps to the one
+already in VMEM, so the pipeline fetches nothing for it, and the body skips it (`pl.when`).
+All K heads of a block come in one DMA (`[BLOCK, K, H]`: Mosaic wants a block's last two dims
+whole or tiled, and a reshape of the cache to `[B, S, K*H]` is a copy on TPU, whose tiled
+layouts differ: 6 GiB at 32 x 32K slots). For the blocks it runs, per kv head k:
 
     s  = scale * Q_k K_i^T                     [R, BLOCK] fp32, R = the T x G queries of head k
     s  = -inf where key > query position or past the cache (the edge block's tail)
@@ -56,9 +57,10 @@ def _block(s: int) -> int:
 
 def _kernel(
     n_ref,  # SMEM [B]: keys each row may see
+    layer_ref,  # SMEM [1]: the layer of the stacked caches (read by the index maps only)
     q_ref,  # [K, R, H]
     pos_ref,  # [R, LANES] query row positions (-1: padding), broadcast over lanes
-    k_ref,  # [BLOCK, K, H] key block i of row b
+    k_ref,  # [BLOCK, K, H] key block i of row b of the layer
     v_ref,  # [BLOCK, K, H]
     o_ref,  # [K, R, H] out
     m_sc,  # [K, R, LANES] running max, broadcast over lanes
@@ -104,19 +106,21 @@ def decode_attention_pallas_tpu(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
+    layer: jax.Array,
     *,
     q_positions: jax.Array,
     scale: float,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """q `[B, T, N, H]` at `q_positions [B, T]` over the cache k, v `[B, S, K, H]` whose slot s
-    holds position s; causal. Returns `[B, T, N, H]` in v's dtype."""
-    if not supports(q.shape, k.shape):
+    """q `[B, T, N, H]` at `q_positions [B, T]` over layer `layer` (an int32 scalar) of the
+    stacked caches k, v `[L, B, S, K, H]`, whose slot s holds position s; causal. Returns
+    `[B, T, N, H]` in v's dtype."""
+    if not supports(q.shape, k.shape[1:]):
         raise ValueError(
             f"decode attention kernel: needs T x G <= {MAX_ROWS}; got q {q.shape}, cache {k.shape}"
         )
     b, t, n, h = q.shape
-    s, kv = k.shape[1], k.shape[2]
+    s, kv = k.shape[2], k.shape[3]
     g = n // kv
     rows = -(-t * g // 8) * 8
     block = _block(s)
@@ -125,22 +129,23 @@ def decode_attention_pallas_tpu(
     qr, pos, n_keys = to_rows(q, q_positions, kv, s, rows)  # [B, K, R, H], [B, R], [B]
     pos = jnp.broadcast_to(pos[:, :, None], (b, rows, LANES))
 
-    def kv_block(r, i, n_ref):  # past the row's last block: the same block, so no new DMA
+    def kv_block(r, i, n_ref, layer_ref):  # past the row's last block: the same block, no DMA
         # lax.div (truncating, the same on n >= 0): Mosaic lowers jnp's floor division by
         # asking for the TPU of the default device, which fails compiling from a CPU host.
         last = jnp.maximum(jax.lax.div(n_ref[r] + block - 1, block) - 1, 0)
-        return r, jnp.minimum(i, last), 0, 0
+        return layer_ref[0], r, jnp.minimum(i, last), 0, 0
 
+    row = lambda r, i, *_: (r, 0, 0, 0)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
+        num_scalar_prefetch=2,
         grid=(b, blocks),
         in_specs=[
-            pl.BlockSpec((None, kv, rows, h), lambda r, i, n_ref: (r, 0, 0, 0)),
-            pl.BlockSpec((None, rows, LANES), lambda r, i, n_ref: (r, 0, 0)),
-            pl.BlockSpec((None, block, kv, h), kv_block),
-            pl.BlockSpec((None, block, kv, h), kv_block),
+            pl.BlockSpec((None, kv, rows, h), row),
+            pl.BlockSpec((None, rows, LANES), lambda r, i, *_: (r, 0, 0)),
+            pl.BlockSpec((None, None, block, kv, h), kv_block),
+            pl.BlockSpec((None, None, block, kv, h), kv_block),
         ],
-        out_specs=pl.BlockSpec((None, kv, rows, h), lambda r, i, n_ref: (r, 0, 0, 0)),
+        out_specs=pl.BlockSpec((None, kv, rows, h), row),
         scratch_shapes=[
             pltpu.VMEM((kv, rows, LANES), jnp.float32),
             pltpu.VMEM((kv, rows, LANES), jnp.float32),
@@ -159,7 +164,8 @@ def decode_attention_pallas_tpu(
             name="decode_attention_mosaic",
         )(*args)
 
-    args = (n_keys, qr, pos, k, v)
+    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    args = (n_keys, layer, qr, pos, k, v)
     if interpret is None:
         out = jax.lax.platform_dependent(
             *args, tpu=functools.partial(call, "mosaic"), default=functools.partial(call, "hlo")
