@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -77,6 +78,8 @@ from qwenjax.vision.model import VisionInputs
 MAX_STOP_IDS = 16  # stop token ids per request (EOS ids included)
 MAX_FORCED = 512  # length of the forced-token test hook
 MAX_TOP_LOGPROBS = 20
+
+logger = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -565,8 +568,10 @@ class Scheduler:
 
     # --------------------------------------------------------------------------------- loop
     def start(self) -> None:
-        if self._thread is not None:
+        if self._thread is not None and self._running:
             return
+        if self._thread is not None:  # a stop that timed out: its loop ends after its step
+            self._thread.join()
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="qwenjax-scheduler", daemon=True)
         self._thread.start()
@@ -585,7 +590,18 @@ class Scheduler:
             self._work.notify()
         if self._thread is not None:
             self._thread.join(timeout=timeout)
+            # A loop still in a device call keeps its thread and its requests, which it aborts
+            # when it ends (`start` waits for that): two loops would run the same donated state.
+            if self._thread.is_alive():
+                logger.warning(
+                    "the engine loop did not stop within %g s; it ends after its current step",
+                    timeout,
+                )
+                return
             self._thread = None
+        self._abort_all()
+
+    def _abort_all(self) -> None:
         for slot in [*self._active.values(), *self._waiting]:
             self._finish(slot, "abort")
         self._active.clear()
@@ -598,7 +614,12 @@ class Scheduler:
     @property
     def healthy(self) -> bool:
         """The device loop is running (False after an error or before `start`)."""
-        return self._error is None and self._thread is not None and self._thread.is_alive()
+        return (
+            self._error is None
+            and self._running
+            and self._thread is not None
+            and self._thread.is_alive()
+        )
 
     @property
     def error(self) -> BaseException | None:
@@ -610,9 +631,9 @@ class Scheduler:
                 self._serve()
         except BaseException as e:  # surface device errors to every waiting client
             self._error = e
-            for slot in [*self._active.values(), *self._waiting]:
-                self._finish(slot, "abort")
+            self._abort_all()
             raise
+        self._abort_all()  # stopped: what `stop` left running or waiting ends here
 
     def _serve(self) -> None:
         while True:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 
 import jax.numpy as jnp
@@ -211,3 +213,35 @@ def test_reasoning_budget_forces_the_end_token_once(scheduler, model, prompts):
     # A zero budget forces it as the very first token (the prefill's sample).
     tokens, _ = collect(scheduler.submit(prompts[5], GREEDY, reasoning_budget=(end, 0)))
     assert tokens[0] == end
+
+
+def test_a_stop_that_times_out_leaves_the_loop_to_end_and_abort(model, prompts, caplog):
+    """A loop still in a step when `stop` gives up keeps its thread and its requests: it aborts
+    them when the step ends, and `start` waits for it before a new loop runs the same state
+    (stop used to drop the thread and clear the requests under the running loop)."""
+    s = Scheduler(model, slots=2, max_length=96, prefill_chunk=16)
+    inside, release = threading.Event(), threading.Event()
+    real_step = s._step
+
+    def slow_step():
+        inside.set()
+        assert release.wait(60)
+        real_step()
+
+    s._step = slow_step
+    s.start()
+    h = s.submit(prompts[0], SamplingParams(temperature=0.0, max_tokens=40))
+    assert inside.wait(60)
+    old = s._thread
+    with caplog.at_level(logging.WARNING, logger="qwenjax.serve.scheduler"):
+        s.stop(drain=False, timeout=0.2)
+    assert "did not stop within 0.2 s" in caplog.text
+    assert old.is_alive() and s._thread is old and not s.healthy and not h.finished
+    release.set()
+    assert collect(h)[1].finish_reason == "abort"
+    s._step = real_step
+    s.start()
+    assert not old.is_alive() and s._thread is not old and s.healthy
+    assert collect(s.submit(prompts[2], GREEDY))[0] == generate(model, [prompts[2]], 9)[0].tolist()
+    s.stop()
+    assert s._thread is None and not s.healthy
