@@ -105,10 +105,17 @@ def large_writes(hlo: str, min_bytes: int) -> list[dict]:
 
 
 def compile_decode(
-    target: str, *, blocks: int, batch: int, max_length: int, tokens: int, kernels: str
+    target: str,
+    *,
+    blocks: int,
+    batch: int,
+    max_length: int,
+    tokens: int,
+    kernels: str,
+    min_mib: float = 64,
 ) -> dict:
     """Compiles one `extend` of `tokens` tokens for `target`; returns temporaries, cache and
-    weight bytes and the large writes."""
+    weight bytes and the writes of at least `min_mib`."""
     device = device_for(target)
     on_device = jax.sharding.SingleDeviceSharding(device)
     put = lambda tree: jax.tree.map(
@@ -144,7 +151,7 @@ def compile_decode(
         "temp_mib": memory.temp_size_in_bytes / 2**20,
         "cache_mib": nbytes(cache) / 2**20,
         "weight_mib": nbytes(params) / 2**20,
-        "large_writes": large_writes(compiled.as_text(), 64 * 2**20),
+        "large_writes": large_writes(compiled.as_text(), min_mib * 2**20),
     }
 
 
@@ -165,9 +172,8 @@ def main() -> None:
         for kernels in args.kernels:
             report = compile_decode(
                 args.target, blocks=args.blocks, batch=args.batch, max_length=args.max_length,
-                tokens=tokens, kernels=kernels,
+                tokens=tokens, kernels=kernels, min_mib=args.min_mib,
             )  # fmt: skip
-            report["large_writes"] = [w for w in report["large_writes"] if w["mib"] >= args.min_mib]
             rows.append(report)
             print(json.dumps({k: v for k, v in report.items() if k != "large_writes"}), flush=True)
     lines = [
