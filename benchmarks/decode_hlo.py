@@ -48,6 +48,8 @@ _FREE = {"bitcast", "get-tuple-element", "parameter", "tuple", "constant", "cust
 
 
 def device_for(target: str) -> jax.Device:
+    if target == "local":  # this machine's accelerator, with its own jax's compiler
+        return jax.devices()[0]
     if target == "h100":
         from qwenjax.kernels.gpu_target import h100_compile_only
 
@@ -135,7 +137,8 @@ def compile_decode(
     flags = {
         f"{k}_kernel": v for k, _, v in (p.partition("=") for p in kernels.split(",") if "=" in p)
     }
-    choice = kernel_flags(types.SimpleNamespace(**flags), "gpu" if target == "h100" else "tpu")
+    platform = device.platform if target == "local" else "gpu" if target == "h100" else "tpu"
+    choice = kernel_flags(types.SimpleNamespace(**flags), platform)
     with choice.pinned() if kernels != "auto" else contextlib.nullcontext():
         jitted = jax.jit(lambda p, c, i: step(p, c, i), donate_argnums=1)  # a fresh trace
         compiled = jitted.lower(put(params), cache, ids).compile()
@@ -157,7 +160,9 @@ def compile_decode(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--target", default="h100", help="h100, or a TPU topology such as v5p:2x2x1")
+    p.add_argument("--target", default="h100",
+                   help="h100, a TPU topology such as v5p:2x2x1, or local (this machine's "
+                        "accelerator: what a newer jax's compiler does on a lent GPU)")  # fmt: skip
     p.add_argument("--blocks", type=int, default=2, help="super-blocks of the 27B (of 16)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-length", type=int, default=4096)
@@ -168,6 +173,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     stamp, rows = utc_stamp(), []
+    label = jax.devices()[0].device_kind if args.target == "local" else args.target
     for tokens in args.tokens:
         for kernels in args.kernels:
             report = compile_decode(
@@ -177,7 +183,7 @@ def main() -> None:
             rows.append(report)
             print(json.dumps({k: v for k, v in report.items() if k != "large_writes"}), flush=True)
     lines = [
-        f"# One decode step compiled for {args.target} (not timed), {stamp}, jax {jax.__version__}",
+        f"# One decode step compiled for {label} (not timed), {stamp}, jax {jax.__version__}",
         "",
         f"27B geometry with {args.blocks} of its 16 super-blocks (scanned: one block's body is "
         f"what each block runs), {args.batch} rows x {args.max_length} cache slots, bf16, the "
@@ -205,8 +211,8 @@ def main() -> None:
             f"| {c} | {op} | {shape} | {mib} | {n} | {in_place} |"
             for (c, op, shape, mib, in_place), n in sorted(groups.items())
         ]
-    device = args.target.replace(":", "-") + "-compile-only"
-    meta = {"jax": jax.__version__, "target": args.target}
+    device = re.sub(r"[\s:]+", "-", label.lower()) + "-compile-only"
+    meta = {"jax": jax.__version__, "target": label}
     write_results(
         args.out, "decode_hlo", stamp, rows, meta=meta, table="\n".join(lines), device=device
     )

@@ -8,6 +8,7 @@
 #   STEPS="decode_attention generate_kernel" bash benchmarks/gpu_session.sh  # xla vs the decode kernel
 #   STEPS="generate serve" bash benchmarks/gpu_session.sh   # issue 7: 27B with random weights
 #   STEPS=scheduler bash benchmarks/gpu_session.sh          # the serving loop: overlap vs serial
+#   STEPS=decode_hlo bash benchmarks/gpu_session.sh         # compile only: weights copied per step?
 #   STEPS=serve SERVE_PRESET=tiny SERVE_REQUESTS=8 OUT=/tmp/x bash benchmarks/gpu_session.sh  # CPU dry run
 #
 # flash-linear-attention is a baseline, not a dependency: its pure-Python wheels are installed
@@ -50,6 +51,10 @@ for step in $STEPS; do
     decode) cmd=(python -m benchmarks.decode_step) ; limit=90 ;;
     attention) cmd=(python -m benchmarks.attention) ; limit=150 ;;
     decode_attention) cmd=(python -m benchmarks.decode_attention) ; limit=150 ;;
+    # What this image's XLA writes per decode step (jax 0.10.2's copies every weight out of the
+    # scanned stack before its GEMM; newer XLA fuses dynamic slices into GEMMs). Not a timing.
+    decode_hlo) cmd=(python -m benchmarks.decode_hlo --target local --min-mib 4 --kernels auto
+                     attention=pallas_gpu,gdn=pallas_gpu) ; limit=200 ;;
     generate) cmd=(python benchmarks/generate.py --model qwen3.6-27b --dtype bfloat16 --batch 1 32
                    --prompt-len 512 --new-tokens 128 --speculative-tokens 0 2 --repeats 2)
               outflag=(--out "$OUT/$(date -u +%Y-%m-%dT%H%MZ)_generate_27b.jsonl") ; limit=300 ;;

@@ -39,6 +39,8 @@ GDN_V_HEADS = "gdn_v_heads"
 GDN_K_HEADS = "gdn_k_heads"  # q/k heads of the delta rule (activations only)
 CONV_WIDTH = "conv_width"
 LORA_RANK = "lora_rank"
+# Variable metadata: per dim, the whole pieces a shard may hold (heads of a flattened [N·H] dim).
+SHARD_UNITS = "shard_units"
 
 # ---------------------------------------------------------------------- logical names: activations
 BATCH = "batch"
@@ -184,7 +186,11 @@ def tree_shardings(tree: Any, mesh: AnyMesh, rules: Rules) -> Any:
         names = leaf.get_metadata().get("out_sharding") or (None,) * leaf.ndim
         pspec = spec(names, rules)
         where = jax.tree_util.keystr(path)
-        problems.extend(_check_divisible(leaf.shape, pspec, mesh, names, where))
+        # Units name the trailing dims: a scan stacks its layers' variables on a new leading axis.
+        units = leaf.get_metadata().get(SHARD_UNITS) or ()
+        units = (None,) * (leaf.ndim - len(units)) + tuple(units)
+        dims = [dim if unit is None else unit for dim, unit in zip(leaf.shape, units, strict=True)]
+        problems.extend(_check_divisible(dims, pspec, mesh, names, where))
         return leaf.replace(value=NamedSharding(mesh, pspec))
 
     out = jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_variable)

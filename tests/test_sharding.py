@@ -62,12 +62,12 @@ GOLDEN = {
             "conv1d": P(None, None, None),
             "A_log": P(None, None),
             "out_proj": P(None, None, None, ZERO),
-            "q_proj": P(None, ZERO, None, None),
-            "k_proj": P(None, ZERO, None, None),
+            "q_proj": P(None, ZERO, None),
+            "k_proj": P(None, ZERO, None),
             "o_proj": P(None, None, None, ZERO),
             "down_proj": P(None, None, ZERO),
             "q_proj_lora.a": P(None, ZERO, None),
-            "q_proj_lora.b": P(None, None, None, None),
+            "q_proj_lora.b": P(None, None, None),
             "mtp.fc": P(None, ZERO),
         },
     ),
@@ -82,12 +82,12 @@ GOLDEN = {
             "conv1d": P(None, None, "tensor"),
             "A_log": P(None, "tensor"),
             "out_proj": P(None, "tensor", None, ZERO),
-            "q_proj": P(None, ZERO, "tensor", None),
-            "k_proj": P(None, ZERO, "tensor", None),
+            "q_proj": P(None, ZERO, "tensor"),
+            "k_proj": P(None, ZERO, "tensor"),
             "o_proj": P(None, "tensor", None, ZERO),
             "down_proj": P(None, "tensor", ZERO),
             "q_proj_lora.a": P(None, ZERO, None),
-            "q_proj_lora.b": P(None, None, "tensor", None),
+            "q_proj_lora.b": P(None, None, "tensor"),
             "mtp.fc": P(None, ZERO),
         },
     ),
@@ -118,6 +118,12 @@ def test_27b_divisibility_is_checked_for_every_parameter(model_27b):
     for problem in ("gdn_v_heads=48 not divisible by tensor=5", "q_heads=24", "kv_heads=4"):
         assert problem in message
     assert "['blocks']['layers'][0]['mixer']['A_log']" in message
+    # k_proj [D, K·H] = [5120, 1024] splits 8 ways, but not into whole heads: 4 kv heads.
+    with pytest.raises(ValueError, match="not divisible") as error:
+        ax.param_shardings(model_27b, abstract_mesh(fsdp=1, tensor=8), ax.FSDP_TP_RULES)
+    for name in ("k_proj", "v_proj", "k_proj_lora']['b"):
+        assert f"[3]['mixer']['{name}']: kv_heads=4 not divisible by tensor=8" in str(error.value)
+    assert "q_heads" not in str(error.value)  # 24 heads, 8 ways
     with pytest.raises(ValueError, match="embed=5120 not divisible by fsdp=3"):
         ax.param_shardings(model_27b, abstract_mesh(fsdp=3), ax.FSDP_RULES)
 

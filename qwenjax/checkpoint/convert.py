@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,23 @@ def hf_to_qwenjax(
 
 
 # ---------------------------------------------------------------------- qwenjax side
+# Version-1 checkpoints stored these `[..., D, N, H]`; the model now holds them `[..., D, N·H]`.
+V1_SPLIT_HEADS = {"q_proj", "k_proj", "v_proj", "in_proj_z"}
+
+
+def _split_in_v1(key: tuple[str, ...], stored: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """Whether a version-1 leaf `stored` is `want` with its last dim split into heads."""
+    joined = (*stored[:-2], stored[-2] * stored[-1]) if len(stored) >= 2 else stored
+    return key[-1] in V1_SPLIT_HEADS and joined == want
+
+
+def _read_leaves(src: Path, entries: list[Entry]) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Our stored leaves in table order, in the model's shapes (version 1's split heads joined)."""
+    leaves = orbax_io.iter_leaves(src, [e.path for e in entries])
+    for e, (path, leaf) in zip(entries, leaves, strict=True):
+        yield path, leaf.reshape(e.shape)
+
+
 def _open_qwenjax(src: Path, vision: bool | None = False) -> tuple[ModelConfig, list[Entry], dict]:
     """Config, table and stored leaf shapes/dtypes of one of our checkpoints, cross-checked.
 
@@ -232,6 +249,8 @@ def _open_qwenjax(src: Path, vision: bool | None = False) -> tuple[ModelConfig, 
     for e in entries:
         key = tuple(map(str, e.path))
         found = left.pop(key, None)
+        if found is not None and manifest["version"] == 1 and _split_in_v1(key, found[0], e.shape):
+            found = (e.shape, found[1])
         if found is None or found[0] != e.shape:
             got = "not found" if found is None else f"found {list(found[0])}"
             problems.append(f"{'/'.join(key)}: expected {list(e.shape)}, {got}")
@@ -268,7 +287,7 @@ def qwenjax_to_hf(
     dtypes = {e.path: stored[tuple(map(str, e.path))][1] for e in entries}
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         _copy_side_files(src, tmp, skip=lambda name: name == orbax_io.MANIFEST)
-        leaves = orbax_io.iter_leaves(src, [e.path for e in entries])
+        leaves = _read_leaves(src, entries)
         _write_hf(tmp, entries, dtypes, leaves, _float_dtype(dtype), max_shard_size, progress)
     return dst
 
@@ -394,7 +413,7 @@ def load(
         config, entries, _ = _open_qwenjax(path, vision)
         leaves = (
             (p, leaf if target is None else leaf.astype(target))
-            for p, leaf in orbax_io.iter_leaves(path, [e.path for e in entries])
+            for p, leaf in _read_leaves(path, entries)
         )
     else:
         reader, config, entries = _open_hf(path, vision)

@@ -29,7 +29,10 @@ from qwenjax.checkpoint.hf_io import CheckpointError
 MANIFEST = "qwenjax.json"
 PARAMS = "params"
 FORMAT = "qwenjax"
-VERSION = 1
+# Version 2 stores the attention q/k/v and GDN z projections 2-D (`[D, N·H]`); version 1
+# stored them `[D, N, H]`, and is still read (`convert.py` flattens them as they load).
+VERSION = 2
+READS_VERSIONS = (1, 2)
 # Leaves are grouped into one orbax call up to this many bytes: a call costs ~50 ms, so a tiny
 # model's 70 leaves go in one call, while a 27B model's GB-sized leaves each go alone.
 BATCH_BYTES = 16 * 2**20
@@ -137,10 +140,10 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READS_VERSIONS:
         raise CheckpointError(
             f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
-            f"this qwenjax reads {FORMAT!r} version {VERSION}"
+            f"this qwenjax reads {FORMAT!r} versions {list(READS_VERSIONS)}"
         )
     return manifest
 

@@ -46,9 +46,12 @@ class GatedAttention(nnx.Module):
             config.head_dim,
         )
         self.dtype = dtype
-        self.q_proj = param(rngs, normal_002, (d, n, 2 * h), (ax.EMBED, ax.Q_HEADS, ax.HEAD_DIM), param_dtype)  # fmt: skip
-        self.k_proj = param(rngs, normal_002, (d, k, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), param_dtype)  # fmt: skip
-        self.v_proj = param(rngs, normal_002, (d, k, h), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), param_dtype)  # fmt: skip
+        self.heads = (n, k, h)  # query heads, KV heads, head dim
+        # Input projections are stored 2-D, heads flattened into the output dim: TPU tiles an
+        # array's two minor dims, so a `[D, N, H]` weight is relaid out for its dot.
+        self.q_proj = param(rngs, normal_002, (d, n * 2 * h), (ax.EMBED, ax.Q_HEADS), param_dtype, units=(None, n))  # fmt: skip
+        self.k_proj = param(rngs, normal_002, (d, k * h), (ax.EMBED, ax.KV_HEADS), param_dtype, units=(None, k))  # fmt: skip
+        self.v_proj = param(rngs, normal_002, (d, k * h), (ax.EMBED, ax.KV_HEADS), param_dtype, units=(None, k))  # fmt: skip
         self.o_proj = param(rngs, normal_002, (n, h, d), (ax.Q_HEADS, ax.HEAD_DIM, ax.EMBED), param_dtype)  # fmt: skip
         self.q_proj_lora = lora(self.q_proj, 1, lora_config, rngs)
         self.k_proj_lora = lora(self.k_proj, 1, lora_config, rngs)
@@ -58,10 +61,13 @@ class GatedAttention(nnx.Module):
         self.k_norm = RMSNorm(h, config.rms_norm_eps, axis_name=ax.HEAD_DIM, dtype=param_dtype, rngs=rngs)  # fmt: skip
 
     def _qkv(self, x: jax.Array, ctx: Context) -> tuple[jax.Array, ...]:
-        qg = dense("btd,dnh->btnh", x, self.q_proj, self.q_proj_lora, self.dtype)  # [B, T, N, 2H]
+        b, t, _ = x.shape
+        n, nk, h = self.heads
+        proj = lambda w, adapter: dense("btd,dc->btc", x, w, adapter, self.dtype)
+        qg = proj(self.q_proj, self.q_proj_lora).reshape(b, t, n, 2 * h)
         q, gate = jnp.split(qg, 2, axis=-1)  # [B, T, N, H] each
-        k = dense("btd,dkh->btkh", x, self.k_proj, self.k_proj_lora, self.dtype)  # [B, T, K, H]
-        v = dense("btd,dkh->btkh", x, self.v_proj, self.v_proj_lora, self.dtype)
+        k = proj(self.k_proj, self.k_proj_lora).reshape(b, t, nk, h)  # [B, T, K, H]
+        v = proj(self.v_proj, self.v_proj_lora).reshape(b, t, nk, h)
         q = apply_rope(self.q_norm(q), ctx.cos, ctx.sin)
         k = apply_rope(self.k_norm(k), ctx.cos, ctx.sin)
         return q, gate, k, v

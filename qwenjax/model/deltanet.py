@@ -62,7 +62,8 @@ class GatedDeltaNet(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.in_proj_qkv = param(rngs, normal_002, (d, c), (ax.EMBED, ax.GDN_CHANNELS), param_dtype)  # fmt: skip
-        self.in_proj_z = param(rngs, normal_002, (d, n, h), (ax.EMBED, ax.GDN_V_HEADS, None), param_dtype)  # fmt: skip
+        # 2-D, as attention's q/k/v projections are (see there).
+        self.in_proj_z = param(rngs, normal_002, (d, n * h), (ax.EMBED, ax.GDN_V_HEADS), param_dtype, units=(None, n))  # fmt: skip
         self.in_proj_b = param(rngs, normal_002, (d, n), (ax.EMBED, ax.GDN_V_HEADS), param_dtype)
         self.in_proj_a = param(rngs, normal_002, (d, n), (ax.EMBED, ax.GDN_V_HEADS), param_dtype)
         self.conv1d = param(rngs, normal_002, (config.linear_conv_kernel_dim, c), (ax.CONV_WIDTH, ax.GDN_CHANNELS), param_dtype)  # fmt: skip
@@ -79,7 +80,8 @@ class GatedDeltaNet(nnx.Module):
         """Pre-conv channels m `[B, T, C]`, gate z `[B, T, N, H]`, β and g `[B, T, N]`."""
         cast = lambda p: p[...].astype(self.dtype)
         m = dense("btd,dc->btc", x, self.in_proj_qkv, self.in_proj_qkv_lora, self.dtype)
-        z = dense("btd,dnh->btnh", x, self.in_proj_z, self.in_proj_z_lora, self.dtype)
+        z = dense("btd,dc->btc", x, self.in_proj_z, self.in_proj_z_lora, self.dtype)
+        z = z.reshape(*x.shape[:2], self.config.linear_num_value_heads, -1)  # [B, T, N, H]
         beta = jax.nn.sigmoid(jnp.einsum("btd,dn->btn", x, cast(self.in_proj_b)))
         a = upcast(jnp.einsum("btd,dn->btn", x, cast(self.in_proj_a)))
         # g in fp32: a bf16 exp(A_log) times a softplus near 0 would lose the slow decays.

@@ -9,8 +9,9 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.layout import Layout, with_layout_constraint
 
-from qwenjax.sharding import LORA_RANK
+from qwenjax.sharding import LORA_RANK, SHARD_UNITS
 
 Init = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -25,12 +26,21 @@ def param(
     shape: Sequence[int],
     axes: Sequence[str | None],
     dtype: jnp.dtype,
+    units: Sequence[int | None] | None = None,
 ) -> nnx.Param:
-    """A parameter annotated with logical axis names (placed on devices later, by the mesh rules)."""
-    if len(axes) != len(shape):
-        raise ValueError(f"axes {tuple(axes)} do not match shape {tuple(shape)}")
+    """A parameter annotated with logical axis names (placed on devices later, by the mesh rules).
+
+    `units` gives, per dim, how many whole pieces a mesh axis may split it into when that is
+    fewer than its size: a flattened `[N·H]` dim has N units, since a shard must hold whole heads.
+    """
+    if len(axes) != len(shape) or (units is not None and len(units) != len(shape)):
+        raise ValueError(f"axes {tuple(axes)} or units {units} do not match shape {tuple(shape)}")
+    extra = {} if units is None else {SHARD_UNITS: tuple(units)}
     return nnx.Param(
-        init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False
+        init(rngs.params(), tuple(shape), dtype),
+        out_sharding=tuple(axes),
+        eager_sharding=False,
+        **extra,
     )
 
 
@@ -57,7 +67,11 @@ class LoRA(nnx.Module):
     """
 
     def __init__(self, base: nnx.Param, num_in: int, config: LoRAConfig, *, rngs: nnx.Rngs):
-        shape, axes = base.shape, base.get_metadata()["out_sharding"]
+        meta = base.get_metadata()
+        shape, axes = base.shape, meta["out_sharding"]
+        units = meta.get(SHARD_UNITS) or (None,) * len(shape)
+        a_extra = {SHARD_UNITS: (*units[:num_in], None)} if SHARD_UNITS in meta else {}
+        b_extra = {SHARD_UNITS: (None, *units[num_in:])} if SHARD_UNITS in meta else {}
         dtype = jnp.promote_types(base.dtype, jnp.float32)
         fan_in = math.prod(shape[:num_in])
         a_init = nnx.initializers.normal(fan_in**-0.5)
@@ -65,11 +79,13 @@ class LoRA(nnx.Module):
             a_init(rngs.lora(), (*shape[:num_in], config.rank), dtype),
             out_sharding=(*axes[:num_in], LORA_RANK),
             eager_sharding=False,
+            **a_extra,
         )
         self.b = nnx.LoRAParam(
             jnp.zeros((config.rank, *shape[num_in:]), dtype),
             out_sharding=(LORA_RANK, *axes[num_in:]),
             eager_sharding=False,
+            **b_extra,
         )
         self.scale = config.alpha / config.rank
 
@@ -79,7 +95,7 @@ class LoRA(nnx.Module):
         xs, ws = lhs.split(",")
         if "r" in eq:
             raise ValueError(f"einsum {eq!r} uses 'r', the LoRA rank letter")
-        w_in, w_out = ws[: self.a.ndim - 1], ws[self.a.ndim - 1 :]  # "btd,dnh->btnh": d | nh
+        w_in, w_out = ws[: self.a.ndim - 1], ws[self.a.ndim - 1 :]  # "btnh,nhd->btd": nh | d
         rest = "".join(c for c in xs if c not in w_in)  # x's uncontracted letters: bt
         xa = jnp.einsum(f"{xs},{w_in}r->{rest}r", x, self.a[...].astype(dtype))  # [B, T, r]
         y = jnp.einsum(f"{rest}r,r{w_out}->{out}", xa, self.b[...].astype(dtype))
@@ -92,6 +108,13 @@ def lora(base: nnx.Param, num_in: int, config: LoRAConfig | None, rngs: nnx.Rngs
 
 
 def dense(eq: str, x: jax.Array, w: nnx.Param, adapter: LoRA | None, dtype: jnp.dtype) -> jax.Array:
-    """The projection `einsum(eq, x, w)` in the compute dtype, plus its LoRA update if any."""
+    """The projection `einsum(eq, x, w)` in the compute dtype, plus its LoRA update if any.
+
+    The result is pinned row-major. Left free, XLA gives a projection the layout its consumers
+    prefer, and on TPU attention and the gated norm prefer heads-major `[N, B, H]`: the dot then
+    runs per head and needs the weight transposed, a copy of the whole weight (120 MiB for the
+    27B's q_proj) every layer of every decode step, where transposing the output is a few KiB.
+    """
     y = jnp.einsum(eq, x, w[...].astype(dtype))
-    return y if adapter is None else y + adapter(eq, x, dtype)
+    y = y if adapter is None else y + adapter(eq, x, dtype)
+    return with_layout_constraint(y, Layout(tuple(range(y.ndim))))

@@ -72,6 +72,44 @@ def test_load_hf_equals_load_converted(hf_source, converted, layout, dtype):
     assert from_hf[("mtp", "fc")].dtype == jnp.dtype(dtype)
 
 
+def _as_version_1(src: Path, dst: Path) -> Path:
+    """A copy of our checkpoint `src` as version 1 wrote it: q/k/v and GDN z split `[.., N, H]`."""
+    from qwenjax.checkpoint import orbax_io
+    from qwenjax.config import ModelConfig
+
+    cfg = ModelConfig.from_hf(src)
+    heads = {
+        "q_proj": cfg.num_attention_heads,
+        "k_proj": cfg.num_key_value_heads,
+        "v_proj": cfg.num_key_value_heads,
+        "in_proj_z": cfg.linear_num_value_heads,
+    }
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((src / "qwenjax.json").read_text())
+    assert manifest["version"] == 2
+    (dst / "qwenjax.json").write_text(json.dumps({**manifest, "version": 1}))
+    info = orbax_io.leaf_info(src)
+    writer, split = orbax_io.ParamWriter(dst), 0
+    for path, leaf in orbax_io.iter_leaves(src, list(info)):
+        if path[-1] in heads:
+            leaf, split = leaf.reshape(*leaf.shape[:-1], heads[path[-1]], -1), split + 1
+        writer.add(path, leaf)
+    writer.close()
+    assert split == 3 + 3 + 3  # the 3 GDN layers' z, q/k/v of the attention layer and of MTP
+    return dst
+
+
+def test_version_1_checkpoint_loads_and_exports(hf_source, converted, tmp_path):
+    _, hf = hf_source("text", "float32")
+    v1 = _as_version_1(converted("text", "float32"), tmp_path / "v1")
+    assert_same_params(params(load(v1)), params(load(hf)))
+    back = qwenjax_to_hf(v1, tmp_path / "back", progress=False)
+    assert read_all(back) == read_all(hf)
+
+
 def test_relative_paths_write_and_load(hf_source, tmp_path, monkeypatch):
     """Conversion to and loading from a path relative to the working directory (the README's
     `qwenjax demo --run-dir runs/demo`): orbax takes only absolute paths, and its metadata read
