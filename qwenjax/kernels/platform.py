@@ -1,4 +1,5 @@
-"""Where a Pallas GPU kernel runs, decided when lowering rather than when tracing."""
+"""What the Pallas kernels share: where a GPU kernel runs (decided when lowering rather than when
+tracing), and the layer index of a stacked cache as a kernel reads it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def triton_or_interpreted(run: Callable[..., Any], interpret: bool | None, *args: Any) -> Any:
@@ -19,3 +21,9 @@ def triton_or_interpreted(run: Callable[..., Any], interpret: bool | None, *args
             *args, cuda=functools.partial(run, False), default=functools.partial(run, True)
         )
     return run(interpret, *args)
+
+
+def layer_index(layer: jax.Array | int) -> jax.Array:
+    """The layer of a stacked cache or state `[L, ...]` as the int32 `[1]` array a decode
+    kernel takes (a scalar prefetch on TPU, a one-element block on GPU)."""
+    return jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))

@@ -138,16 +138,14 @@ def write_rows(
 ) -> jax.Array:
     """`buffer [B, S, ...]` with `update [B, T, ...]` written at slots `start[b]`... per row.
     With `layer`, `buffer` is a stack `[L, B, S, ...]` and only `buffer[layer]` is written:
-    the T new slots of each row, not a copy of the layer's whole cache."""
-    update = update.astype(buffer.dtype)
-    if layer is None:
-        put = lambda buf, upd, s: jax.lax.dynamic_update_slice_in_dim(buf, upd, s, axis=0)
-        return jax.vmap(put)(buffer, update, start)
-    # One scatter into the stack: vmapping a slice update over its row axis made XLA move
-    # that axis to the front, a transposed copy of the whole stack.
+    the T new slots of each row, not a copy of the layer's whole cache. Slots past S are
+    dropped (a clamped slice update would shift them onto the row's earlier slots)."""
+    # One scatter: vmapping a slice update over the row axis made XLA move that axis to the
+    # front of the stack, a transposed copy of the whole stack.
     b, t = update.shape[:2]
-    slots = start[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    return buffer.at[layer, jnp.arange(b)[:, None], slots].set(update, mode="drop")
+    rows, slots = jnp.arange(b)[:, None], start[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    index = (rows, slots) if layer is None else (layer, rows, slots)
+    return buffer.at[index].set(update.astype(buffer.dtype), mode="drop")
 
 
 def read_rows(buffer: jax.Array, start: jax.Array, size: int) -> jax.Array:

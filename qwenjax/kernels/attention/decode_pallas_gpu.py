@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from qwenjax.kernels.attention.decode_common import MAX_ROWS, attend_block, from_rows, to_rows
-from qwenjax.kernels.platform import triton_or_interpreted
+from qwenjax.kernels.platform import layer_index, triton_or_interpreted
 
 BLOCK = 64  # keys a loop step: K and V blocks of 64 x 256 bf16, 64 KB with two pipeline stages
 SPLIT = 1024  # keys a program: splits spread a short batch over the SMs
@@ -170,7 +170,7 @@ def decode_attention_pallas_gpu(
             name="decode_attention_triton",
         )(*args)
 
-    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    layer = layer_index(layer)
     o, m, den = triton_or_interpreted(run, interpret, layer, n_keys, pos, qr, k, v)
     return from_rows(_merge(o, m, den), t, n).astype(v.dtype)
 

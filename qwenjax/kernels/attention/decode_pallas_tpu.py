@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from qwenjax.kernels.attention.decode_common import MAX_ROWS, attend_block, from_rows, to_rows
+from qwenjax.kernels.platform import layer_index
 
 BLOCK = 512  # keys a grid step: K and V blocks of 512 x (4 x 256) bf16, 1 MiB each
 LANES = 128
@@ -164,7 +165,7 @@ def decode_attention_pallas_tpu(
             name="decode_attention_mosaic",
         )(*args)
 
-    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    layer = layer_index(layer)
     args = (n_keys, layer, qr, pos, k, v)
     if interpret is None:
         out = jax.lax.platform_dependent(

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from qwenjax.kernels.platform import triton_or_interpreted
+from qwenjax.kernels.platform import layer_index, triton_or_interpreted
 
 BLOCK_V = 16  # value columns a program: S tile [128, 16] fp32, 16 registers a thread at 4 warps
 
@@ -110,6 +110,6 @@ def gated_delta_decode_pallas_gpu(
         )(*args)
 
     f32 = lambda x: x.astype(jnp.float32)
-    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    layer = layer_index(layer)
     args = (layer, f32(q), f32(k), v, f32(g), f32(beta), f32(stack))
     return triton_or_interpreted(run, interpret, *args)

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from qwenjax.kernels.platform import layer_index
+
 
 def _kernel(
     layer_ref, q_ref, k_ref, v_ref, a_ref, beta_ref, s_ref, o_ref, s_out_ref, *, tokens: int
@@ -77,7 +79,7 @@ def gated_delta_decode_pallas_tpu(
     rows = lambda x: jnp.pad(f32(x).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, -t % 8), (0, 0)))
     heads = lambda x: jnp.moveaxis(f32(x).reshape(b, t, hk, grp, *x.shape[3:]), 1, 3)
     args = (
-        jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
+        layer_index(layer),
         rows(q),
         rows(k),
         heads(v),  # [B, K, G, T, H]
