@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from qwenjax import sharding as ax
 from qwenjax.config import FULL_ATTENTION, ModelConfig
@@ -145,7 +146,15 @@ def write_rows(
     b, t = update.shape[:2]
     rows, slots = jnp.arange(b)[:, None], start[:, None] + jnp.arange(t)[None, :]  # [B, T]
     index = (rows, slots) if layer is None else (layer, rows, slots)
-    return buffer.at[index].set(update.astype(buffer.dtype), mode="drop")
+    out = buffer.at[index].set(update.astype(buffer.dtype), mode="drop")
+    if layer is None:  # (a constrained jit output cannot take a donated buffer's place)
+        return out
+    # A stack carried by the scan over blocks stays row-major, its layout outside the step.
+    # Left free, XLA on GPU gave the carried KV stacks the layout attention's dots prefer,
+    # [.., K, S, H]: a transposed copy of the whole cache at the loop's entry and another at
+    # its exit, every step (4692 MiB of temporaries at 32 rows x 4096 slots for the 27B),
+    # where transposing one layer's K and V for its dots needs 512 MiB.
+    return with_layout_constraint(out, Layout(tuple(range(out.ndim))))
 
 
 def read_rows(buffer: jax.Array, start: jax.Array, size: int) -> jax.Array:
