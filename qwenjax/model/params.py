@@ -110,11 +110,15 @@ def lora(base: nnx.Param, num_in: int, config: LoRAConfig | None, rngs: nnx.Rngs
 def dense(eq: str, x: jax.Array, w: nnx.Param, adapter: LoRA | None, dtype: jnp.dtype) -> jax.Array:
     """The projection `einsum(eq, x, w)` in the compute dtype, plus its LoRA update if any.
 
-    The result is pinned row-major. Left free, XLA gives a projection the layout its consumers
-    prefer, and on TPU attention and the gated norm prefer heads-major `[N, B, H]`: the dot then
-    runs per head and needs the weight transposed, a copy of the whole weight (120 MiB for the
-    27B's q_proj) every layer of every decode step, where transposing the output is a few KiB.
+    A result smaller than the weight (decoding, draft verification) is pinned row-major. Left
+    free, XLA gives a projection the layout its consumers prefer, and on TPU attention and the
+    gated norm prefer heads-major `[N, B, H]`: the dot then runs per head on a transposed copy
+    of the whole weight (120 MiB for the 27B's q_proj) every layer of every decode step, where
+    transposing the output is a few KiB. A larger result (training, prefill) is left to XLA:
+    there transposing the weight is the cheaper of the two.
     """
     y = jnp.einsum(eq, x, w[...].astype(dtype))
     y = y if adapter is None else y + adapter(eq, x, dtype)
-    return with_layout_constraint(y, Layout(tuple(range(y.ndim))))
+    if y.size < math.prod(w.shape):
+        y = with_layout_constraint(y, Layout(tuple(range(y.ndim))))
+    return y
