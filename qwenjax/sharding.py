@@ -24,6 +24,7 @@ from typing import Any
 import jax
 from flax import nnx
 from jax.experimental import mesh_utils
+from jax.experimental.layout import Layout, with_layout_constraint
 from jax.sharding import NamedSharding, PartitionSpec
 
 # ---------------------------------------------------------------------- logical names: parameters
@@ -219,6 +220,17 @@ def use_rules(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def row_major(x: jax.Array) -> jax.Array:
+    """`x` pinned to the row-major layout, where XLA would otherwise pick one that costs a
+    copy. The identity under a multi-device mesh: the partitioner does not know the layout
+    custom call and gathers its operand whole onto every device (the 27B's KV stacks, every
+    decode step, on a v5p tensor-parallel mesh)."""
+    active = _ACTIVE.get()
+    if active is not None and active[0].size > 1:
+        return x
+    return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.layout import Layout, with_layout_constraint
 
 from qwenjax import sharding as ax
 from qwenjax.config import FULL_ATTENTION, ModelConfig
@@ -154,7 +153,7 @@ def write_rows(
     # [.., K, S, H]: a transposed copy of the whole cache at the loop's entry and another at
     # its exit, every step (4692 MiB of temporaries at 32 rows x 4096 slots for the 27B),
     # where transposing one layer's K and V for its dots needs 512 MiB.
-    return with_layout_constraint(out, Layout(tuple(range(out.ndim))))
+    return ax.row_major(out)
 
 
 def read_rows(buffer: jax.Array, start: jax.Array, size: int) -> jax.Array:

@@ -9,9 +9,8 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.experimental.layout import Layout, with_layout_constraint
 
-from qwenjax.sharding import LORA_RANK, SHARD_UNITS
+from qwenjax.sharding import LORA_RANK, SHARD_UNITS, row_major
 
 Init = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -119,6 +118,4 @@ def dense(eq: str, x: jax.Array, w: nnx.Param, adapter: LoRA | None, dtype: jnp.
     """
     y = jnp.einsum(eq, x, w[...].astype(dtype))
     y = y if adapter is None else y + adapter(eq, x, dtype)
-    if y.size < math.prod(w.shape):
-        y = with_layout_constraint(y, Layout(tuple(range(y.ndim))))
-    return y
+    return row_major(y) if y.size < math.prod(w.shape) else y
