@@ -68,9 +68,9 @@ class LoRA(nnx.Module):
     def __init__(self, base: nnx.Param, num_in: int, config: LoRAConfig, *, rngs: nnx.Rngs):
         meta = base.get_metadata()
         shape, axes = base.shape, meta["out_sharding"]
-        units = meta.get(SHARD_UNITS) or (None,) * len(shape)
-        a_extra = {SHARD_UNITS: (*units[:num_in], None)} if SHARD_UNITS in meta else {}
-        b_extra = {SHARD_UNITS: (None, *units[num_in:])} if SHARD_UNITS in meta else {}
+        units = meta.get(SHARD_UNITS)
+        a_extra = {} if units is None else {SHARD_UNITS: (*units[:num_in], None)}
+        b_extra = {} if units is None else {SHARD_UNITS: (None, *units[num_in:])}
         dtype = jnp.promote_types(base.dtype, jnp.float32)
         fan_in = math.prod(shape[:num_in])
         a_init = nnx.initializers.normal(fan_in**-0.5)
