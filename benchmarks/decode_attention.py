@@ -41,8 +41,8 @@ FILLS = {"short": (512, 2048), "full": None}
 def case(b: int, s: int, t: int, fill: str, seed: int = 0):
     keys = jax.random.split(jax.random.key(seed), 3)
     q = jax.random.normal(keys[0], (b, t, N, H), jnp.bfloat16)
-    k = jax.random.normal(keys[1], (b, s, K, H), jnp.bfloat16)
-    v = jax.random.normal(keys[2], (b, s, K, H), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (b, K, s, H), jnp.bfloat16)  # the cache's [B, K, S, H]
+    v = jax.random.normal(keys[2], (b, K, s, H), jnp.bfloat16)
     span = FILLS[fill]
     rng = np.random.default_rng(seed)
     lengths = np.full(b, s) if span is None else rng.integers(*span, b, endpoint=True)

@@ -25,7 +25,7 @@ from qwenjax.model.rope import apply_rope
 
 # Logical names of the attention kernel's operands: rows and heads split, time and head dim whole.
 Q = (ax.BATCH, None, ax.Q_HEADS, None)  # [B, T, N, H]
-KV = (ax.BATCH, None, ax.KV_HEADS, None)  # [B, S, K, H]
+KV = (ax.BATCH, ax.KV_HEADS, None, None)  # [B, K, S, H] a cache
 POS = (ax.BATCH, None)  # [B, T]
 
 
@@ -83,14 +83,16 @@ class GatedAttention(nnx.Module):
 
         Every token's K/V is written (the cache length is the caller's bookkeeping); a query at
         slot p reads slots ≤ p, all written by earlier kept tokens or by this call. With `layer`,
-        `cache` holds the scanned blocks' stacked caches `[L, B, S, K, H]`: only the new slots
+        `cache` holds the scanned blocks' stacked caches `[L, B, K, S, H]`: only the new slots
         of `[layer]` are written and the stack is returned (a slice of it would be a copy of the
         layer's whole cache, and writing it back another, every decode step).
         """
         q, gate, k, v = self._qkv(x, ctx)
         start = ctx.token_index[:, 0]
         names = KV_CACHE if layer is None else (ax.LAYERS, *KV_CACHE)
-        write = lambda buffer, new: ax.constrain(write_rows(buffer, new, start, layer), names)
+        write = lambda buffer, new: ax.constrain(
+            write_rows(buffer, new, start, layer, slot_axis=2), names
+        )
         k, v = write(cache.k, k), write(cache.v, v)
         if layer is None:
             attend = lambda q, k, v, qp: cache_attention(q, k, v, q_positions=qp)

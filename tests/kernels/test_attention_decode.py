@@ -39,17 +39,19 @@ N, K = 6, 2
 
 
 def case(b: int, t: int, s: int, h: int, seed: int, last: list[int] | None = None):
-    """q `[B, T, N, H]`, caches `[B, S, K, H]` and query positions ending at `last[b]`."""
+    """q `[B, T, N, H]`, caches `[B, K, S, H]` and query positions ending at `last[b]`."""
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((b, t, N, h)).astype(np.float32)
-    k, v = (rng.standard_normal((b, s, K, h)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((b, K, s, h)).astype(np.float32) for _ in range(2))
     last = rng.integers(t - 1, s, b) if last is None else np.asarray(last)
     positions = (last[:, None] - t + 1 + np.arange(t)).astype(np.int32)  # [B, T]
     return q, k, v, positions
 
 
 def expected(q, k, v, positions):
-    b, s = k.shape[:2]
+    """The float64 oracle (which takes keys `[B, S, K, H]`) on caches `[B, K, S, H]`."""
+    b, _, s, _ = k.shape
+    k, v = np.swapaxes(k, 1, 2), np.swapaxes(v, 1, 2)
     slots = np.broadcast_to(np.arange(s), (b, s))
     return oracle(q, k, v, positions, slots, None, None, causal=True, scale=q.shape[-1] ** -0.5)
 
@@ -106,7 +108,7 @@ def test_rows_do_not_depend_on_their_batch_and_never_read_past_their_keys(name):
     q, k, v, positions = case(3, 1, s, h, seed=5, last=[1299, 70, 700])
     block = BLOCKS[name]
     end = -(-(int(positions[1, -1]) + 1) // block) * block  # GPU: 2 blocks of 64; TPU: 1 of 512
-    k[1, end:], v[1, end:] = np.nan, np.nan
+    k[1, :, end:], v[1, :, end:] = np.nan, np.nan
     together = kernel(name, q, k, v, positions)
     alone = kernel(name, q[1:2], k[1:2], v[1:2], positions[1:2])
     others = [2, 1, 0]
@@ -114,7 +116,7 @@ def test_rows_do_not_depend_on_their_batch_and_never_read_past_their_keys(name):
     assert np.isfinite(together).all()
     np.testing.assert_array_equal(alone[0], together[1])
     np.testing.assert_array_equal(shuffled[1], together[1])
-    want = expected(q[1:2, :, :, :], k[1:2, :end], v[1:2, :end], positions[1:2])
+    want = expected(q[1:2], k[1:2, :, :end], v[1:2, :, :end], positions[1:2])
     assert rel_err(alone, want) <= 1e-5
 
 
@@ -146,6 +148,7 @@ def test_cache_attention_dispatch(monkeypatch):
             cache_attention(q, k, v, q_positions=positions, backend=bad)
     pos = jnp.broadcast_to(jnp.arange(50), (2, 50))
     self_attention = {"q_positions": pos, "kv_positions": pos, "positions_in_order": True}
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # self attention's [B, T, K, H]
     with pytest.raises(ValueError, match="pallas_tpu attention runs over a KV cache"):
         attention(k.repeat(3, 2), k, v, backend="pallas_tpu", **self_attention)
     with auto_backend("pallas_tpu"):
@@ -155,7 +158,7 @@ def test_cache_attention_dispatch(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["xla", "pallas_gpu", "pallas_tpu"])
 def test_cache_attention_reads_one_layer_of_a_stack(backend):
-    """`layer=` reads that layer of stacked caches `[L, B, S, K, H]` (the others NaN) as the
+    """`layer=` reads that layer of stacked caches `[L, B, K, S, H]` (the others NaN) as the
     same call on the lone cache does; mis-shaped caches are refused naming the shapes."""
     q, k, v, positions = map(jnp.asarray, case(2, 3, 45, 16, seed=9))
     nan = jnp.full_like(k, jnp.nan)
@@ -164,9 +167,9 @@ def test_cache_attention_reads_one_layer_of_a_stack(backend):
     want = cache_attention(q, k, v, q_positions=positions, backend=backend)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert rel_err(want, expected(q, k, v, positions)) <= 1e-5
-    with pytest.raises(ValueError, match=r"\[L, B, S, K, H\] stacks.*\(45, 2, 16\)"):
+    with pytest.raises(ValueError, match=r"\[L, B, K, S, H\] stacks.*\(2, 45, 16\)"):
         cache_attention(q, k[0], v[0], q_positions=positions, layer=0, backend=backend)
-    with pytest.raises(ValueError, match=r"must be \[B, S, K, H\]"):
+    with pytest.raises(ValueError, match=r"must be \[B, K, S, H\]"):
         cache_attention(q, stack(k), stack(v), q_positions=positions, backend=backend)
 
 
@@ -209,9 +212,9 @@ if target == "h100":
 else:
     device = topologies.get_topology_desc(target, platform="tpu").devices[0]
 sharding = jax.sharding.SingleDeviceSharding(device)
-b, s, n, kv, h = 32, 32774, 24, 4, 256
+b, s, n, kv, h = 32, 32784, 24, 4, 256
 spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
-args = [spec((b, t, n, h), jnp.bfloat16)] + [spec((b, s, kv, h), jnp.bfloat16)] * 2
+args = [spec((b, t, n, h), jnp.bfloat16)] + [spec((b, kv, s, h), jnp.bfloat16)] * 2
 fn = lambda q, k, v, p: cache_attention(q, k, v, q_positions=p, backend=backend)
 compiled = jax.jit(fn).lower(*args, spec((b, t), jnp.int32)).compile()
 names = set(re.findall(r"decode_attention_(triton|mosaic)", compiled.as_text()))
@@ -223,7 +226,7 @@ print(json.dumps({"kernels": sorted(names), "temp_bytes": temp}))
 @needs_cuda_plugin
 @pytest.mark.parametrize("t", [1, 3])
 def test_compiles_for_h100_at_27b_decode_geometry(t):
-    """32 slots of a 32K cache (S = 32774, not a multiple of the block), 24 : 4 heads, head dim
+    """32 slots of a 32K cache (S = 32784, not a multiple of the block), 24 : 4 heads, head dim
     256, bf16, one query a row and a 3-token verification: Triton compiles the kernel for an
     H100 on this CPU. Temporaries are the splits' partial outputs, never an [S]-long array per
     head: under 256 MiB (33 splits x 32 rows x 4 heads x 16 or 32 query rows x 256 fp32)."""
@@ -247,10 +250,11 @@ def test_scheduler_with_the_kernel_equals_offline_generate(backend):
 @needs_libtpu
 @pytest.mark.parametrize(("topology", "t"), [("v5p:2x2x1", 3), ("v6e:2x2", 1)])
 def test_compiles_for_tpu_at_27b_decode_geometry(topology, t):
-    """32 slots of a 32K cache (S = 32774), 24 : 4 heads, head dim 256, bf16: Mosaic compiles
-    the kernel for a v5p (3-token verification) and a v6e (decoding). Temporaries stay small
-    (measured 0 to 6 MiB): the cache is read in place, never copied to another layout (a
-    [B, S, K*H] reshape would be 6 GiB of copies)."""
+    """32 slots of a 32K cache (S = 32784, a multiple of `SLOT_MULTIPLE` as `init_cache` makes
+    it, not of the block), 24 : 4 heads, head dim 256, bf16: Mosaic compiles the kernel for a
+    v5p (3-token verification) and a v6e (decoding). Temporaries stay small (measured 0 to
+    6 MiB): the cache is read in place, never copied to another layout (at S = 32774 XLA's
+    default layout put K minor of S: 4 GiB of copies)."""
     report = compile_report(COMPILE, topology, t, "pallas_tpu")
     assert report["kernels"] == ["mosaic"], report
     assert report["temp_bytes"] < 2**24, report

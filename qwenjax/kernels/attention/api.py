@@ -187,9 +187,9 @@ def cache_attention(
     backend: str = "auto",
 ) -> jax.Array:
     """Causal attention of `q [B, T, N, H]` at `q_positions [B, T]` over a KV cache `k, v
-    [B, S, K, H]` whose slot s holds position s (slots after a query's position are unwritten
+    [B, K, S, H]` whose slot s holds position s (slots after a query's position are unwritten
     or stale, and hidden). With `layer` (an int32 scalar), k and v are the stacked caches
-    `[L, B, S, K, H]` of the model's scanned blocks and layer `layer` is read: the kernels
+    `[L, B, K, S, H]` of the model's scanned blocks and layer `layer` is read: the kernels
     index the stack themselves, since a slice handed to them would be a copy of the layer's
     whole cache every step.
 
@@ -207,7 +207,7 @@ def cache_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     stacked = layer is not None
     if k.ndim != 4 + stacked or v.shape != k.shape:
-        want = "[L, B, S, K, H] stacks (layer given)" if stacked else "[B, S, K, H]"
+        want = "[L, B, K, S, H] stacks (layer given)" if stacked else "[B, K, S, H]"
         raise ValueError(f"cache attention: k and v must be {want}; got {k.shape}, {v.shape}")
     kernel = _CACHE_KERNELS.get(backend)
     if kernel is not None and kernel.supports(q.shape, k.shape[stacked:]):
@@ -216,7 +216,9 @@ def cache_attention(
             k, v, layer = k[None], v[None], 0
         return run(q, k, v, jnp.asarray(layer, jnp.int32), q_positions=q_positions, scale=scale)
     if stacked:
-        k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in (k, v))
+        k, v = _read_layer(k, v, layer)
+    # attention's order; XLA folds the transpose into its dots, which read [B, K, S, H] as is
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, S, K, H]
     kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
     return attention(
         q,
@@ -227,3 +229,18 @@ def cache_attention(
         scale=scale,
         backend="auto" if kernel is not None else backend,
     )
+
+
+def _read_layer(k: jax.Array, v: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Layer `layer` of the stacked caches `[L, B, K, S, H]`. A TPU dot reads such a slice in
+    place; a GPU one (jax 0.10) reads a copy, and XLA made the K and V copies one kernel, both
+    alive at once (+256 MiB of temporaries at 32 rows x 4096 slots of the 27B): the barrier
+    gives V's copy a kernel of its own, after K's, and K's is freed before it."""
+    index = lambda c: jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False)
+
+    def gpu(k, v):
+        k = index(k)
+        v, k = jax.lax.optimization_barrier((v, k))
+        return k, index(v)
+
+    return jax.lax.platform_dependent(k, v, cuda=gpu, default=lambda k, v: (index(k), index(v)))

@@ -14,7 +14,7 @@ whole cache whatever the rows' lengths (32 slots x 32K slots of the 27B: ~34 GB 
 and writes its split's (o, m, l); the splits are merged in jnp, in their fixed order:
 out = sum_j o_j e^(m_j - M) / sum_j l_j e^(m_j - M), zeros for a query that sees no key (as the
 reference). Blocks past n_b are never read. The cache is the stacked caches of the model's
-scanned blocks `[L, B, S, K, H]` (L = 1 for a lone cache) and the kernel reads layer `layer`
+scanned blocks `[L, B, K, S, H]` (L = 1 for a lone cache) and the kernel reads layer `layer`
 itself: a slice handed to it would be a copy of the layer's whole cache every step. A row's
 result depends on its own queries and keys and on S alone (block and split sizes follow from
 S), not on the batch it is in, so a request decodes the same next to any others.
@@ -47,9 +47,9 @@ SPLIT = 1024  # keys a program: splits spread a short batch over the SMs
 
 
 def supports(q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> bool:
-    """Whether the kernel takes q `[B, T, N, H]` over a cache `[B, S, K, H]`."""
+    """Whether the kernel takes q `[B, T, N, H]` over a cache `[B, K, S, H]`."""
     _, t, n, h = q_shape
-    s, kv = k_shape[1], k_shape[2]
+    kv, s = k_shape[1], k_shape[2]
     pow2 = lambda x: x & (x - 1) == 0
     return pow2(h) and h >= 16 and s >= 16 and t * (n // kv) <= MAX_ROWS
 
@@ -67,8 +67,8 @@ def _split_kernel(
     n_ref,  # [1] keys row b may see: 1 + its last query's position
     pos_ref,  # [R] each query row's position (-1: a padding row)
     q_ref,  # [R, H]
-    k_ref,  # [L, B, S, K, H] the whole stack, of which [layer, b, :, k] is read
-    v_ref,  # [L, B, S, K, H]
+    k_ref,  # [L, B, K, S, H] the whole stack, of which [layer, b, k] is read
+    v_ref,  # [L, B, K, S, H]
     o_ref,  # [R, H] out: unnormalised output of split j, fp32
     m_ref,  # [R, 1] out: running max
     l_ref,  # [R, 1] out: running sum of exp
@@ -77,9 +77,8 @@ def _split_kernel(
     block: int,
     split_blocks: int,
 ):
-    s_len = k_ref.shape[2]
-    at = (layer_ref[0], pl.program_id(0))  # (layer, row); read outside the loop body
-    head = pl.program_id(1)
+    s_len = k_ref.shape[3]
+    at = (layer_ref[0], pl.program_id(0), pl.program_id(1))  # layer, row, kv head: outside the loop
     first = pl.program_id(2) * split_blocks
     last = jnp.minimum(first + split_blocks, (n_ref[0] + block - 1) // block)
     q = q_ref[...]
@@ -90,8 +89,8 @@ def _split_kernel(
         start = jnp.minimum(i * block, s_len - block)
         idx = start + cols  # [BLOCK] cache slots read
         visible = (idx[None, :] <= pos[:, None]) & (idx[None, :] >= i * block)
-        k = k_ref[(*at, pl.ds(start, block), head, slice(None))]
-        v = v_ref[(*at, pl.ds(start, block), head, slice(None))]
+        k = k_ref[(*at, pl.ds(start, block), slice(None))]
+        v = v_ref[(*at, pl.ds(start, block), slice(None))]
         return attend_block(q, k, v, visible, scale, *carry)
 
     rows, h = q_ref.shape
@@ -119,7 +118,7 @@ def decode_attention_pallas_gpu(
     num_stages: int = 2,
 ) -> jax.Array:
     """q `[B, T, N, H]` at `q_positions [B, T]` over layer `layer` (an int32 scalar) of the
-    stacked caches k, v `[L, B, S, K, H]`, whose slot s holds position s; causal (a query sees
+    stacked caches k, v `[L, B, K, S, H]`, whose slot s holds position s; causal (a query sees
     slots <= its position). Returns `[B, T, N, H]` in v's dtype. `interpret=None`: Triton when
     lowered for CUDA, the interpreter elsewhere."""
     if not supports(q.shape, k.shape[1:]):
@@ -128,7 +127,7 @@ def decode_attention_pallas_gpu(
             f"and T x G <= {MAX_ROWS}; got q {q.shape}, cache {k.shape}"
         )
     b, t, n, h = q.shape
-    s, kv = k.shape[2], k.shape[3]
+    kv, s = k.shape[2], k.shape[3]
     g = n // kv
     rows = _rows(t, g)
     block = _block(s)
