@@ -93,6 +93,25 @@ _PLAN: dict = {}  # the background `qwenjax plan` run, started at collection
 
 
 @pytest.fixture(scope="module", autouse=True)
+def _compiled_programs_freed_after_each_module():
+    """XLA:CPU maps two or three memory regions for each compiled program and unmaps them only
+    with the program, which jax's caches keep: a test worker reached Linux's limit of 65530
+    mappings a process (vm.max_map_count) late in the suite (the core dump of that crash holds
+    65529). The next compile then failed, and the C++ exception carrying its error crashed in
+    the unwinder (SIGSEGV in `_Unwind_Find_FDE`): the one "XLA CPU crash" of earlier runs. An
+    eager forward of the tiny model maps ~300 regions for each new input length. Cleared after
+    each module, a worker peaked at 19001 mappings (in tests/kernels/test_gdn_decode.py), and
+    the suite took as long as before."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
+@pytest.fixture(scope="module", autouse=True)
 def _no_engine_thread_outlives_its_module():
     """A serving scheduler's device loop still running after its test module would compile and
     run beside the next modules' tests (or in a dying interpreter): each module stops what it
