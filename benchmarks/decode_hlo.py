@@ -3,6 +3,7 @@ this CPU.
 
     python -m benchmarks.decode_hlo --target h100            # 27B geometry, 2 super-blocks
     python -m benchmarks.decode_hlo --target v5p:2x2x1 --kernels auto gdn=pallas_tpu
+    python -m benchmarks.decode_hlo --target v5p:2x2x1 --tensor 4   # heads over 4 chips
 
 A script, not a test, and not a timing: it compiles `model.extend` (one decode step, or a
 verification of T - 1 drafts) for 32 rows with the cache donated, as the engine and the serving
@@ -15,7 +16,9 @@ temporaries, against the bytes of the whole cache.
 `--blocks` keeps the compile short (each super-block is 3 Gated DeltaNet + 1 attention layer,
 scanned: the body is compiled once, so what one block moves, all 16 move). Needs the CUDA plugin
 for `--target h100` (`.cuda-plugin/<jax version>` on PYTHONPATH, as the tests install it) and
-jax[tpu] for TPU targets. Results: `{stamp}_{target}-compile-only_decode_hlo.*` under `--out`.
+jax[tpu] for TPU targets. `--tensor N` compiles for N chips of a TPU topology with heads split
+over them (the `fsdp_tp` rules: what each chip runs and writes). Results:
+`{stamp}_{target}-compile-only_decode_hlo.*` under `--out`.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ import types
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
 import qwenjax
 from benchmarks.common import utc_stamp, write_results
+from qwenjax import sharding as ax
 from qwenjax.kernels.choice import kernel_flags
-from qwenjax.model.cache import init_cache
+from qwenjax.model.cache import init_cache, logical_axes
 
 _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1}
 # `%name = TYPE op(`, TYPE an array `f32[2,3]{1,0}` or a tuple of them (multi-output fusions).
@@ -47,16 +52,16 @@ _IN_PLACE = {"dynamic-update-slice", "scatter"}
 _FREE = {"bitcast", "get-tuple-element", "parameter", "tuple", "constant", "custom-call", "while"}
 
 
-def device_for(target: str) -> jax.Device:
-    if target == "local":  # this machine's accelerator, with its own jax's compiler
-        return jax.devices()[0]
+def devices_for(target: str) -> list[jax.Device]:
+    if target == "local":  # this machine's accelerators, with its own jax's compiler
+        return jax.devices()
     if target == "h100":
         from qwenjax.kernels.gpu_target import h100_compile_only
 
-        return h100_compile_only()
+        return [h100_compile_only()]
     from jax.experimental import topologies
 
-    return topologies.get_topology_desc(target, platform="tpu").devices[0]
+    return topologies.get_topology_desc(target, platform="tpu").devices
 
 
 def _roots(hlo: str) -> dict[str, str]:
@@ -115,33 +120,47 @@ def compile_decode(
     tokens: int,
     kernels: str,
     min_mib: float = 64,
+    tensor: int = 1,
 ) -> dict:
-    """Compiles one `extend` of `tokens` tokens for `target`; returns temporaries, cache and
-    weight bytes and the writes of at least `min_mib`."""
-    device = device_for(target)
-    on_device = jax.sharding.SingleDeviceSharding(device)
-    put = lambda tree: jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device), tree
-    )
+    """Compiles one `extend` of `tokens` tokens for `target` (with `tensor` > 1: for that many
+    of its devices, heads split over them); returns temporaries (per device), cache and weight
+    bytes (all devices) and the writes of at least `min_mib`."""
+    devices = devices_for(target)
+    if tensor > len(devices):
+        raise ValueError(f"--tensor {tensor}: {target} has {len(devices)} device(s)")
     config = qwenjax.ModelConfig.from_preset("qwen3.6-27b")
     layers = blocks * (config.num_hidden_layers // config.num_blocks)
     config = config.replace(num_hidden_layers=layers, layer_types=config.layer_types[:layers])
     graphdef, params = nnx.split(qwenjax.build(config, dtype=jnp.bfloat16, abstract=True))
-    cache = put(jax.eval_shape(lambda: init_cache(config, batch, max_length, jnp.bfloat16)))
-    ids = put(jax.ShapeDtypeStruct((batch, tokens), jnp.int32))
+    cache = jax.eval_shape(lambda: init_cache(config, batch, max_length, jnp.bfloat16))
+    ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
+    place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    if tensor == 1:
+        on_device = jax.sharding.SingleDeviceSharding(devices[0])
+        params, cache, ids = jax.tree.map(lambda x: place(x, on_device), (params, cache, ids))
+        rules = contextlib.nullcontext
+    else:
+        mesh = ax.make_mesh(ax.MeshConfig(fsdp=1, tensor=tensor), devices[:tensor])
+        params = jax.tree.map(place, params, ax.param_shardings(params, mesh, ax.FSDP_TP_RULES))
+        by_name = lambda x, names: place(x, NamedSharding(mesh, ax.spec(names, ax.FSDP_TP_RULES)))
+        is_names = lambda x: isinstance(x, tuple) and all(isinstance(e, str | None) for e in x)
+        cache = jax.tree.map(by_name, cache, logical_axes(cache), is_leaf=is_names)
+        ids = by_name(ids, (ax.BATCH, None))
+        rules = lambda: ax.use_rules(mesh, ax.FSDP_TP_RULES)
 
     def step(params, cache, ids):
-        hidden, cache, _ = nnx.merge(graphdef, params).extend(ids, cache)
+        with rules():
+            hidden, cache, _ = nnx.merge(graphdef, params).extend(ids, cache)
         return hidden, cache
 
     flags = {
         f"{k}_kernel": v for k, _, v in (p.partition("=") for p in kernels.split(",") if "=" in p)
     }
-    platform = device.platform if target == "local" else "gpu" if target == "h100" else "tpu"
+    platform = devices[0].platform if target == "local" else "gpu" if target == "h100" else "tpu"
     choice = kernel_flags(types.SimpleNamespace(**flags), platform)
     with choice.pinned() if kernels != "auto" else contextlib.nullcontext():
         jitted = jax.jit(lambda p, c, i: step(p, c, i), donate_argnums=1)  # a fresh trace
-        compiled = jitted.lower(put(params), cache, ids).compile()
+        compiled = jitted.lower(params, cache, ids).compile()
     memory = compiled.memory_analysis()
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
     return {
@@ -151,6 +170,7 @@ def compile_decode(
         "max_length": max_length,
         "tokens": tokens,
         "kernels": kernels,
+        "tensor": tensor,
         "temp_mib": memory.temp_size_in_bytes / 2**20,
         "cache_mib": nbytes(cache) / 2**20,
         "weight_mib": nbytes(params) / 2**20,
@@ -170,15 +190,17 @@ def main() -> None:
     p.add_argument("--kernels", nargs="+", default=["auto"],
                    help="auto, or attention=NAME,gdn=NAME (the CLI's kernel flags)")  # fmt: skip
     p.add_argument("--min-mib", type=float, default=64)
+    p.add_argument("--tensor", type=int, default=1, help="chips of a TPU topology, heads split")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     stamp, rows = utc_stamp(), []
     label = jax.devices()[0].device_kind if args.target == "local" else args.target
+    label += f" tensor={args.tensor}" if args.tensor > 1 else ""
     for tokens in args.tokens:
         for kernels in args.kernels:
             report = compile_decode(
                 args.target, blocks=args.blocks, batch=args.batch, max_length=args.max_length,
-                tokens=tokens, kernels=kernels, min_mib=args.min_mib,
+                tokens=tokens, kernels=kernels, min_mib=args.min_mib, tensor=args.tensor,
             )  # fmt: skip
             rows.append(report)
             print(json.dumps({k: v for k, v in report.items() if k != "large_writes"}), flush=True)
@@ -189,7 +211,8 @@ def main() -> None:
         f"what each block runs), {args.batch} rows x {args.max_length} cache slots, bf16, the "
         f"cache donated. Writes of at least {args.min_mib:.0f} MiB outside fusions' bodies, "
         "grouped; each is usually read back as well, except those in place (slice updates and "
-        "scatters into their operand's buffer), which write only their update.",
+        "scatters into their operand's buffer), which write only their update."
+        + (f" Per chip, heads split over {args.tensor}." if args.tensor > 1 else ""),
     ]
     for r in rows:
         lines += [
@@ -211,7 +234,7 @@ def main() -> None:
             f"| {c} | {op} | {shape} | {mib} | {n} | {in_place} |"
             for (c, op, shape, mib, in_place), n in sorted(groups.items())
         ]
-    device = re.sub(r"[\s:]+", "-", label.lower()) + "-compile-only"
+    device = re.sub(r"[\s:=]+", "-", label.lower()) + "-compile-only"
     meta = {"jax": jax.__version__, "target": label}
     write_results(
         args.out, "decode_hlo", stamp, rows, meta=meta, table="\n".join(lines), device=device

@@ -89,37 +89,11 @@ def test_v5p_decode_step_reads_every_weight_in_place():
 
 TENSOR_PARALLEL = r"""
 import json
-import jax, jax.numpy as jnp
-from flax import nnx
-from jax.experimental import topologies
-from jax.sharding import NamedSharding
-import qwenjax
-from benchmarks.decode_hlo import large_writes
-from qwenjax import sharding as ax
-from qwenjax.model.cache import init_cache, logical_axes
-
-devices = topologies.get_topology_desc("v5p:2x2x1", platform="tpu").devices
-mesh, rules = ax.make_mesh(ax.MeshConfig(fsdp=1, tensor=4), devices), ax.RULES["fsdp_tp"]
-config = qwenjax.ModelConfig.from_preset("qwen3.6-27b")
-config = config.replace(num_hidden_layers=8, layer_types=config.layer_types[:8])
-graphdef, params = nnx.split(qwenjax.build(config, dtype=jnp.bfloat16, abstract=True))
-place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-params = jax.tree.map(place, params, ax.param_shardings(params, mesh, rules))
-cache = jax.eval_shape(lambda: init_cache(config, 32, 4096, jnp.bfloat16))
-is_names = lambda x: isinstance(x, tuple) and all(isinstance(e, (str, type(None))) for e in x)
-by_name = lambda c, n: place(c, NamedSharding(mesh, ax.spec(n, rules)))
-cache = jax.tree.map(by_name, cache, logical_axes(cache), is_leaf=is_names)
-ids = by_name(jax.ShapeDtypeStruct((32, 1), jnp.int32), ("batch", None))
-
-def step(params, cache, ids):
-    with ax.use_rules(mesh, rules):
-        hidden, cache, _ = nnx.merge(graphdef, params).extend(ids, cache)
-    return hidden, cache
-
-compiled = jax.jit(step, donate_argnums=1).lower(params, cache, ids).compile()
-print(json.dumps({"temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
-                  "writes": [w for w in large_writes(compiled.as_text(), 32 * 2**20)
-                             if not w["in_place"]]}))
+from benchmarks.decode_hlo import compile_decode
+r = compile_decode("v5p:2x2x1", blocks=2, batch=32, max_length=4096, tokens=1, kernels="auto",
+                   min_mib=32, tensor=4)
+print(json.dumps({"temp_mib": r["temp_mib"],
+                  "writes": [w for w in r["large_writes"] if not w["in_place"]]}))
 """
 
 
