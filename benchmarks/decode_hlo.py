@@ -143,8 +143,7 @@ def compile_decode(
         mesh = ax.make_mesh(ax.MeshConfig(fsdp=1, tensor=tensor), devices[:tensor])
         params = jax.tree.map(place, params, ax.param_shardings(params, mesh, ax.FSDP_TP_RULES))
         by_name = lambda x, names: place(x, NamedSharding(mesh, ax.spec(names, ax.FSDP_TP_RULES)))
-        is_names = lambda x: isinstance(x, tuple) and all(isinstance(e, str | None) for e in x)
-        cache = jax.tree.map(by_name, cache, logical_axes(cache), is_leaf=is_names)
+        cache = jax.tree.map(by_name, cache, logical_axes(cache))  # (as the engine constrains it)
         ids = by_name(ids, (ax.BATCH, None))
         rules = lambda: ax.use_rules(mesh, ax.FSDP_TP_RULES)
 

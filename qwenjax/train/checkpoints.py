@@ -82,24 +82,31 @@ class Checkpointer:
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.directory}")
-        state, data = self._restore_reshaped(step, abstract_state)
-        return state, data, step
-
-    def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        target = self._as_stored(step, abstract_state)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
             ),
         )
-        return restored["state"], restored["data"]
+        state = restored["state"]
+        pairs = zip(jax.tree.leaves(target), jax.tree.leaves(abstract_state), strict=True)
+        if split := sum(a.shape != b.shape for a, b in pairs):
+            state = jax.tree.map(_reshaped, state, abstract_state)
+            logging.getLogger(__name__).warning(
+                "checkpoint step %d: %d leaves stored with their last dim split (an earlier "
+                "layout) were reshaped to this run's",
+                step,
+                split,
+            )
+        return state, restored["data"], step
 
-    def _restore_reshaped(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """The restore, also of a checkpoint whose leaves split the last dim of today's: the
-        q/k/v and GDN z projections (and their optimizer moments) were `[D, N, H]` until
-        2026-11-27 and are `[D, N·H]` now. Such a leaf is read in its stored shape, sharded as
-        today's on its leading dims, then reshaped; any other difference is an error naming
-        the leaf (orbax's names only the shapes)."""
+    def _as_stored(self, step: int, abstract_state: Any) -> Any:
+        """The restore target: `abstract_state`, except for leaves stored splitting the last
+        dim of today's: the q/k/v and GDN z projections (and their optimizer moments) were
+        `[D, N, H]` until 2026-11-27 and are `[D, N·H]` now. Such a leaf is read in its stored
+        shape, sharded as today's on its leading dims (then `_reshaped`); any other difference
+        is an error naming the leaf (orbax's names only the shapes)."""
         metadata = self.manager.item_metadata(step)["state"]
         flat = jax.tree_util.tree_flatten_with_path(metadata, is_leaf=lambda x: hasattr(x, "shape"))
         stored = {_names(path): tuple(leaf.shape) for path, leaf in flat[0]}
@@ -111,8 +118,8 @@ class Checkpointer:
             if shape == leaf.shape or jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
                 return leaf  # (orbax stores a key's data: its shape is not the key's)
             n = len(leaf.shape)  # the stored leaf splits today's last dim, the others equal:
-            split = n and shape[: n - 1] == leaf.shape[:-1]
-            if not (split and math.prod(shape[n - 1 :]) == leaf.shape[-1]):
+            same_lead = n and shape[: n - 1] == leaf.shape[:-1]
+            if not (same_lead and math.prod(shape[n - 1 :]) == leaf.shape[-1]):
                 raise ValueError(
                     f"checkpoint step {step} in {self.directory}: {name} is {shape}, this "
                     f"run's is {leaf.shape} (a different model or configuration?)"
@@ -125,24 +132,7 @@ class Checkpointer:
                 )
             return jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=sharding)
 
-        target = jax.tree_util.tree_map_with_path(as_stored, abstract_state)
-        state, data = self._restore(step, target)
-
-        def reshape(x, want):
-            if x.shape == want.shape:
-                return x
-            return jax.jit(lambda a: a.reshape(want.shape), out_shardings=want.sharding)(x)
-
-        pairs = zip(jax.tree.leaves(target), jax.tree.leaves(abstract_state), strict=True)
-        if split := sum(a.shape != b.shape for a, b in pairs):
-            state = jax.tree.map(reshape, state, abstract_state)
-            logging.getLogger(__name__).warning(
-                "checkpoint step %d: %d leaves stored with their last dim split (an earlier "
-                "layout) were reshaped to this run's",
-                step,
-                split,
-            )
-        return state, data
+        return jax.tree_util.tree_map_with_path(as_stored, abstract_state)
 
     def wait(self) -> None:
         """Block until any async save has been committed."""
@@ -151,6 +141,12 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _reshaped(x: jax.Array, want: jax.ShapeDtypeStruct) -> jax.Array:
+    if x.shape == want.shape:
+        return x
+    return jax.jit(lambda a: a.reshape(want.shape), out_shardings=want.sharding)(x)
 
 
 def _names(path) -> tuple[str, ...]:
