@@ -431,9 +431,10 @@ def _ut_bwd(cfg, residuals, cotangents):
     sp = _ut_specs(k, v)
     vec = jax.ShapeDtypeStruct(beta.shape, jnp.float32)
     dk, dv, dbeta, dgam, dread = _call(
-        # eight [C, E]-sized fp32 tiles meet here: at 4 warps they spill (ut_bwd_kernel)
+        # the [C, C] tiles of the recomputed inverse fill the registers: at 4 warps they spill
         cfg._replace(num_warps=max(8, cfg.num_warps)),
-        functools.partial(ut_bwd_kernel, dtype=io),
+        # columns taken at a time: block_v, at most 32 (fewer spills; see ut_bwd_kernel)
+        functools.partial(ut_bwd_kernel, dtype=io, block=min(32, cfg.block_v, e)),
         _ut_grid(k, v),
         [sp["k"], sp["v"], sp["vec"], sp["vec"], sp["vec"], sp["runs"], sp["v"], sp["e"]],
         [sp["e"], sp["v"], sp["vec"], sp["vec"], sp["vec"]],
@@ -492,7 +493,8 @@ def gated_delta_rule_pallas_gpu(
 
       chunk_size: tokens per chunk (a power of two >= 16).
       block_v: value columns per program (a power of two dividing the padded dv); default
-        min(64, padded dv).
+        min(64, padded dv). The UT transform's backward takes min(block_v, 32) columns at a
+        time.
       num_warps, num_stages: Triton launch options.
       interpret: None: Triton when lowered for CUDA, the HLO interpreter elsewhere; True: the
         interpreter anywhere; False: Triton (CUDA only).

@@ -159,14 +159,19 @@ def dqkw_kernel(
     ddecay_ref[...] = ddecay
 
 
-def _ut_prologue(k, beta, gam, runs, dtype):
-    """(Tm = (I + A)^-1, K K^T, the strict decay mask D) of one chunk; A = beta (K K^T) * D."""
-    c = k.shape[0]
+def _strict_decay_mask(gam, runs):
+    """D [C, S]: exp(gam_r - gam_s) for s < r in the same run, else 0."""
+    c = gam.shape[0]
     rows, cols = jnp.arange(c)[:, None], jnp.arange(c)[None, :]
     strict = (cols < rows) & (runs[:, None] == runs[None, :])
-    decay = jnp.where(strict, jnp.exp(jnp.where(strict, gam[:, None] - gam[None, :], 0.0)), 0.0)
-    kk = _dot(k, k, dtype, trans_b=True)  # [C, S]
-    a = beta[:, None] * kk * decay  # strictly lower
+    return jnp.where(strict, jnp.exp(jnp.where(strict, gam[:, None] - gam[None, :], 0.0)), 0.0)
+
+
+def _ut_inverse(kk, beta, gam, runs, dtype):
+    """Tm = (I + A)^-1 of one chunk, from K K^T [C, S]; A = beta (K K^T) * D."""
+    c = kk.shape[0]
+    rows, cols = jnp.arange(c)[:, None], jnp.arange(c)[None, :]
+    a = beta[:, None] * kk * _strict_decay_mask(gam, runs)  # strictly lower
     # Block doubling (see xla._invert_unit_lower): X_2b = X_b - X_b E_b X_b, log2(C) levels.
     tm = (rows == cols).astype(jnp.float32)
     b = 1
@@ -175,24 +180,29 @@ def _ut_prologue(k, beta, gam, runs, dtype):
         e = jnp.where(block & ((cols // b) % 2 == 0), a, 0.0)
         tm = tm - _dot(_dot(tm, e, dtype, keep_fp32=True), tm, dtype, keep_fp32=True)
         b *= 2
-    return tm, kk, decay
+    return tm
 
 
 def ut_kernel(k_ref, v_ref, beta_ref, gam_ref, read_ref, run_ref, u_ref, w_ref, *, dtype):
     """One chunk of one value head: U = Tm (beta V), W = Tm (beta read K), Tm = (I + A)^-1."""
     k = k_ref[...]  # [C, E]
     beta = beta_ref[...].astype(jnp.float32)  # [C]
-    tm, _, _ = _ut_prologue(k, beta, gam_ref[...].astype(jnp.float32), run_ref[...], dtype)
+    kk = _dot(k, k, dtype, trans_b=True)  # [C, S]
+    tm = _ut_inverse(kk, beta, gam_ref[...].astype(jnp.float32), run_ref[...], dtype)
     bv = beta[:, None] * v_ref[...].astype(jnp.float32)  # [C, H]
     bk = (beta * read_ref[...].astype(jnp.float32))[:, None] * k.astype(jnp.float32)  # [C, E]
     u_ref[...] = _dot(tm, bv, dtype).astype(u_ref.dtype)
     w_ref[...] = _dot(tm, bk, dtype).astype(w_ref.dtype)
 
 
+def _column_blocks(n: int, width: int) -> list[slice]:
+    return [slice(j, j + width) for j in range(0, n, width)]
+
+
 def ut_bwd_kernel(
     k_ref, v_ref, beta_ref, gam_ref, read_ref, run_ref, du_ref, dw_ref,  # inputs
     dk_ref, dv_ref, dbeta_ref, dgam_ref, dread_ref,  # outputs (dk per value head)
-    *, dtype,
+    *, dtype, block: int,
 ):  # fmt: skip
     """Gradients of one chunk's UT transform, Tm recomputed:
 
@@ -200,33 +210,44 @@ def ut_bwd_kernel(
     dA  = -Tm^T (dU (beta V)^T + dW (beta read K)^T) Tm^T
     then through A = beta (K K^T) * D: dK += (dKK + dKK^T) K, dKK = dA beta D; dgam from D.
 
-    The order keeps few [C, E] tiles live at once: the dU side is finished, and its tiles
-    dead, before dW is loaded. With the terms in the order of the equations, ptxas reported
-    ~2.6 KB of register spills a thread at C = 64, E = H = 128 on sm_90 (4 warps); in this
-    order, at 8 warps, ~0.4 KB (`benchmarks/gpu_compile.py`).
+    Every [C, E] or [C, H] operand is taken `block` columns at a time, so that besides the
+    [C, C] tiles (Tm, K K^T, D, dTm) only a few [C, block] tiles are live. At C = 64,
+    E = H = 128, 8 warps, sm_90, ptxas reported register spills of 440 B a thread with whole
+    [C, 128] tiles, 212 B with blocks of 64 and 120 B with blocks of 32
+    (`benchmarks/gpu_compile.py`); the rest is the inverse's. dXk is recomputed in the last
+    pass (a [C, C] by [C, block] product) rather than kept.
     """
     f32 = jnp.float32
-    k = k_ref[...]  # [C, E]
+    c, e = k_ref.shape
     beta, gam, read = (r[...].astype(f32) for r in (beta_ref, gam_ref, read_ref))  # [C]
-    tm, kk, decay = _ut_prologue(k, beta, gam, run_ref[...], dtype)
-    du, v32 = du_ref[...].astype(f32), v_ref[...].astype(f32)  # [C, H]
-    dxv = _dot(tm, du, dtype, trans_a=True)  # [C, H]
-    dv_ref[...] = beta[:, None] * dxv
-    dbeta = jnp.sum(dxv * v32, axis=1)
-    dtm = _dot(du, beta[:, None] * v32, dtype, trans_b=True)  # [C, S]
-    dw = dw_ref[...].astype(f32)  # [C, E]
     bread = beta * read
-    dtm = dtm + _dot(dw, bread[:, None] * k.astype(f32), dtype, trans_b=True)
+    e_blocks, h_blocks = _column_blocks(e, block), _column_blocks(v_ref.shape[1], block)
+    kk = sum(_dot(k_ref[:, x], k_ref[:, x], dtype, trans_b=True) for x in e_blocks)  # [C, S]
+    tm = _ut_inverse(kk, beta, gam, run_ref[...], dtype)
+    decay = _strict_decay_mask(gam, run_ref[...])
+    dtm, dbeta = jnp.zeros((c, c), f32), jnp.zeros((c,), f32)
+    for x in h_blocks:
+        du, v32 = du_ref[:, x].astype(f32), v_ref[:, x].astype(f32)  # [C, block]
+        dxv = _dot(tm, du, dtype, trans_a=True)
+        dv_ref[:, x] = beta[:, None] * dxv
+        dbeta += jnp.sum(dxv * v32, axis=1)
+        dtm += _dot(du, beta[:, None] * v32, dtype, trans_b=True)
+    k_dxk = jnp.zeros((c,), f32)
+    for x in e_blocks:
+        dw, k32 = dw_ref[:, x].astype(f32), k_ref[:, x].astype(f32)
+        dtm += _dot(dw, bread[:, None] * k32, dtype, trans_b=True)
+        k_dxk += jnp.sum(_dot(tm, dw, dtype, trans_a=True) * k32, axis=1)
     da = -_dot(
         _dot(tm, dtm, dtype, trans_a=True, keep_fp32=True), tm, dtype, trans_b=True, keep_fp32=True
     )
-    da_d = da * decay  # dA * D: zero off the strict mask, as D is
-    dbeta = dbeta + jnp.sum(da_d * kk, axis=1)
+    # dA * D: zero off the strict mask, as D is; D recomputed rather than kept live
+    da_d = da * decay
     dkk = da_d * beta[:, None]  # [C, S]
     p = dkk * kk  # dD * D: the gradient of the exponent gam_r - gam_s
     dgam_ref[...] = jnp.sum(p, axis=1) - jnp.sum(p, axis=0)
-    dxk = _dot(tm, dw, dtype, trans_a=True)  # [C, E]
-    k_dxk = jnp.sum(dxk * k.astype(f32), axis=1)
-    dbeta_ref[...] = dbeta + read * k_dxk
+    dbeta_ref[...] = dbeta + jnp.sum(da_d * kk, axis=1) + read * k_dxk
     dread_ref[...] = beta * k_dxk
-    dk_ref[...] = _dot(dkk + dkk.T, k, dtype) + bread[:, None] * dxk
+    dkk = dkk + dkk.T
+    for x in e_blocks:
+        dxk = _dot(tm, dw_ref[:, x], dtype, trans_a=True)  # [C, block]
+        dk_ref[:, x] = _dot(dkk, k_ref[:, x], dtype) + bread[:, None] * dxk
