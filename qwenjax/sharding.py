@@ -222,15 +222,17 @@ def use_rules(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
-def row_major(x: jax.Array) -> jax.Array:
+def row_major(x: jax.Array, names: Sequence[str | None] | None = None) -> jax.Array:
     """`x` pinned to the row-major layout, where XLA would otherwise pick one that costs a
-    copy. The identity under a multi-device mesh: the partitioner does not know the layout
-    custom call and gathers its operand whole onto every device (the 27B's KV stacks, every
-    decode step, on a v5p tensor-parallel mesh)."""
+    copy. Under a multi-device mesh the partitioner does not know the layout custom call and
+    gathers its operand whole onto every device (the 27B's KV stacks, every decode step, on a
+    v5p tensor-parallel mesh), so there each device pins its own shard inside `shard_map`,
+    split by `x`'s logical `names`; without names it is the identity there."""
     active = _ACTIVE.get()
-    if active is not None and active[0].size > 1:
-        return x
-    return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
+    pin = lambda y: with_layout_constraint(y, Layout(tuple(range(y.ndim))))
+    if active is None or active[0].size == 1:
+        return pin(x)
+    return x if names is None else shard_kernel(pin, [x], [names], tuple(names))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwenjax.sharding import LORA_RANK, SHARD_UNITS, row_major
+from qwenjax.sharding import ACT_EMBED, BATCH, EMBED, LORA_RANK, SHARD_UNITS, row_major
 
 Init = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -118,4 +118,18 @@ def dense(eq: str, x: jax.Array, w: nnx.Param, adapter: LoRA | None, dtype: jnp.
     """
     y = jnp.einsum(eq, x, w[...].astype(dtype))
     y = y if adapter is None else y + adapter(eq, x, dtype)
-    return row_major(y) if y.size < math.prod(w.shape) else y
+    return row_major(y, _result_names(eq, w)) if y.size < math.prod(w.shape) else y
+
+
+def _result_names(eq: str, w: nnx.Param) -> tuple[str | None, ...] | None:
+    """Logical names of `einsum(eq, x, w)`: b is the batch, the weight's dims name theirs (its
+    model width D being the activations' ACT_EMBED), and the tokens t stay whole, as the
+    attention kernels take them: a decode step's one token cannot be split over a `sequence`
+    axis. None for a weight without names."""
+    stored = w.get_metadata().get("out_sharding")
+    if stored is None:
+        return None
+    lhs, out = eq.split("->")
+    weight_names = zip(lhs.split(",")[1], stored[-w.ndim :], strict=True)
+    by_letter = {"b": BATCH, "t": None, **dict(weight_names)}
+    return tuple(ACT_EMBED if by_letter[c] == EMBED else by_letter[c] for c in out)

@@ -17,7 +17,7 @@ import torch
 from flax import nnx
 
 from qwenjax import sharding
-from qwenjax.api import build
+from qwenjax.api import build, build_sharded
 from qwenjax.checkpoint import load
 from qwenjax.config import ModelConfig
 from qwenjax.inference.engine import (
@@ -156,6 +156,20 @@ def test_mesh_gives_the_same_tokens(hf_checkpoint):
     np.testing.assert_array_equal(sharded, single)
     spec = generate(model, prompts, 12, mesh=mesh, rules=rules, speculative="mtp")
     np.testing.assert_array_equal(spec, single)
+
+
+def test_tensor_and_sequence_mesh_gives_the_same_tokens():
+    """Heads over `tensor` (the projections' layout pins then sit inside `shard_map`) with a
+    `sequence` axis, which a decode step's single token cannot be split over: greedy tokens
+    equal one device's."""
+    config = ModelConfig.from_preset("tiny")
+    rng = np.random.default_rng(52)
+    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (9, 4, 13, 6)]
+    single = generate(build(config, dtype=jnp.float32, seed=3), prompts, 6)
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2, sequence=2, tensor=2))
+    rules = sharding.RULES["fsdp_tp"]
+    model = build_sharded(config, mesh, rules, dtype=jnp.float32, seed=3)
+    np.testing.assert_array_equal(generate(model, prompts, 6, mesh=mesh, rules=rules), single)
 
 
 def test_stops_logprobs_and_per_row_options(text_model):
