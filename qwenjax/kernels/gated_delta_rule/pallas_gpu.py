@@ -40,6 +40,11 @@ the UT transform is). Value head n reads key head n // G through its BlockSpec i
 k are never repeated, and the decay mask is built in-kernel from gam and the run ids: nothing of
 size [C, C] per chunk is read from memory.
 
+Layouts: v, out and their gradients stay in the caller's token-major order ([B, T, Hv, H] seen as
+[B, M, C, K, G, H]: the BlockSpecs pick a value head's [C, H] block out of it), so nothing
+transposes them into and out of the kernels (at 8 x 4096 bf16 tokens that was 4 x 384 MiB written
+around a forward and backward). U and W (and their gradients) are in the operand dtype.
+
 Stored between the kernels, in the operand dtype: h [B, K, G, M, E, H] and Vn [B, M, K, G, C, H]
 by the forward (the backward's residuals with q, k, w and the gates; not U), dVl, dh and dVn by
 the backward. At the 27B geometry (Hv 48, E = H = 128) with 1 x 32768 bf16 tokens: h and dh
@@ -83,7 +88,6 @@ from qwenjax.kernels.gated_delta_rule.xla import (
     ChunkTerms,
     chunk_terms,
     initial_state_or_zeros,
-    unchunk,
 )
 from qwenjax.kernels.platform import triton_or_interpreted
 
@@ -134,6 +138,9 @@ def _seq_specs(d: _Dims, bv: int) -> dict[str, pl.BlockSpec]:
         "uv": pl.BlockSpec(  # [B, M, K, G, C, H], value block j
             (None, d.m, None, None, d.c, bv), lambda b, n, j: (b, 0, *value_head(n), 0, j)
         ),
+        "tok": pl.BlockSpec(  # [B, M, C, K, G, H] (out and dO: the caller's order), block j
+            (None, d.m, d.c, None, None, bv), lambda b, n, j: (b, 0, 0, *value_head(n), j)
+        ),
         "w": per_v(d.c, d.e),  # [B, M, K, G, C, E]
         "vec": per_v(d.c),  # [B, M, K, G, C]
         "scalar": per_v(),  # [B, M, K, G]
@@ -168,6 +175,9 @@ def _chunk_specs(d: _Dims, bk: int, bv: int) -> dict[str, pl.BlockSpec]:
             (None, None, d.c, None, bk), lambda b, n, i, x: (b, i, 0, n // d.grp, kb(x))
         ),
         "uv": pl.BlockSpec(per_v(d.c, bv), lambda b, n, i, x: (b, i, *heads(n), 0, vb(x))),
+        "tok": pl.BlockSpec(  # [B, M, C, K, G, H] (out and dO: the caller's order)
+            (None, None, d.c, None, None, bv), lambda b, n, i, x: (b, i, 0, *heads(n), vb(x))
+        ),
         "e": pl.BlockSpec(per_v(d.c, bk), lambda b, n, i, x: (b, i, *heads(n), 0, kb(x))),
         "vec": pl.BlockSpec(per_v(d.c), lambda b, n, i, x: (b, i, *heads(n), 0)),
         "runs": pl.BlockSpec((None, None, d.c), lambda b, n, i, x: (b, i, 0)),
@@ -229,33 +239,36 @@ def _state_fwd(cfg: _Config, t: ChunkTerms, s0: jax.Array):
     )
 
 
-def _per_value_block(cfg: _Config, t: ChunkTerms, kernel, name: str, specs, *args):
-    """A parallel kernel over (B, Hv, M, H / BV) whose output is laid out like u."""
+def _per_value_block(cfg: _Config, t: ChunkTerms, kernel, name: str, specs, out, *args):
+    """A parallel kernel over (B, Hv, M, H / BV) whose output is laid out like u (`out` "uv")
+    or token-major, [B, M, C, K, G, H] (`out` "tok")."""
     d = _dims(t)
     sp = _chunk_specs(d, d.e, cfg.block_v)
+    shape = t.u.shape if out == "uv" else (d.b, d.m, d.c, d.hk, d.grp, d.h)
     return _call(
         cfg,
         functools.partial(kernel, dtype=jnp.dtype(cfg.operand_dtype)),
         (d.b, d.hk * d.grp, d.m, d.h // cfg.block_v),
         [sp[s] for s in specs],
-        sp["uv"],
-        _like(t.u),
+        sp[out],
+        jax.ShapeDtypeStruct(shape, t.u.dtype),
         f"gated_delta_rule_{name}",
         *args,
     )
 
 
 def _out_fwd(cfg: _Config, t: ChunkTerms, h: jax.Array, vn: jax.Array) -> jax.Array:
-    """Parallel over chunks: out [B, M, K, G, C, H]."""
+    """Parallel over chunks: out [B, M, C, K, G, H] (a reshape of [B, T, Hv, H])."""
     specs = ("qk", "qk", "h", "uv", "vec", "vec", "runs")
     args = (t.q, t.k, h, vn, t.gam, t.read, t.runs)
-    return _per_value_block(cfg, t, out_kernel, "out_fwd", specs, *args)
+    return _per_value_block(cfg, t, out_kernel, "out_fwd", specs, "tok", *args)
 
 
 def _dv_local(cfg: _Config, t: ChunkTerms, do: jax.Array) -> jax.Array:
     """Parallel over chunks: dVl [B, M, K, G, C, H], the intra-chunk part of dVn."""
-    specs = ("qk", "qk", "vec", "runs", "uv")
-    return _per_value_block(cfg, t, dv_local_kernel, "dv_local", specs, t.q, t.k, t.gam, t.runs, do)
+    specs = ("qk", "qk", "vec", "runs", "tok")
+    args = (t.q, t.k, t.gam, t.runs, do)
+    return _per_value_block(cfg, t, dv_local_kernel, "dv_local", specs, "uv", *args)
 
 
 def _state_bwd(cfg: _Config, t: ChunkTerms, do: jax.Array, dvl: jax.Array, dsf: jax.Array):
@@ -267,7 +280,7 @@ def _state_bwd(cfg: _Config, t: ChunkTerms, do: jax.Array, dvl: jax.Array, dsf: 
         cfg,
         functools.partial(state_bwd_kernel, dtype=io),
         (d.b, d.hk * d.grp, d.h // cfg.block_v),
-        [sp["qk"], sp["qk"], sp["w"], *[sp["vec"]] * 2, sp["scalar"], *[sp["uv"]] * 2, sp["state"]],
+        [sp[n] for n in ("qk", "qk", "w", "vec", "vec", "scalar", "tok", "uv", "state")],
         [sp["h"], sp["uv"], sp["state"]],
         [
             jax.ShapeDtypeStruct((d.b, d.hk, d.grp, d.m, d.e, d.h), io),
@@ -301,7 +314,7 @@ def _dqkw(cfg: _Config, t: ChunkTerms, h, dh, vn, dvn, do):
         cfg,
         functools.partial(dqkw_kernel, dtype=jnp.dtype(cfg.operand_dtype), block_v=cfg.block_v),
         (d.b, d.hk * d.grp, d.m, nk),
-        [sp["qk"], sp["qk"], sp["h"], sp["h"], *[sp["uv"]] * 3, *[sp["vec"]] * 3, sp["runs"]],
+        [sp[n] for n in ("qk", "qk", "h", "h", "uv", "uv", "tok", "vec", "vec", "vec", "runs")],
         [sp["e"], sp["e"], sp["e"], *[sp["p_vec"]] * 3, sp["p_scalar"]],
         [per_e, per_e, _like(t.w), part_vec, part_vec, part_vec, part_scalar],
         "gated_delta_rule_dqkw",
@@ -364,8 +377,9 @@ _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
 
 
 def _ut_specs(k, v):
-    """BlockSpecs of grid (B, Hv, M) for the UT kernels: key head n // G, value head n."""
-    c, e, grp, h = k.shape[2], k.shape[-1], v.shape[3], v.shape[-1]
+    """BlockSpecs of grid (B, Hv, M) for the UT kernels: key head n // G, value head n; v (and
+    dv) token-major [B, M, C, K, G, H], u (and du) [B, M, K, G, C, H]."""
+    c, e, grp, h = k.shape[2], k.shape[-1], v.shape[4], v.shape[-1]
 
     def per_v(*block):  # [B, M, K, G, C, ...]
         return pl.BlockSpec(
@@ -375,7 +389,10 @@ def _ut_specs(k, v):
 
     return {
         "k": pl.BlockSpec((None, None, c, None, e), lambda i, n, j: (i, j, 0, n // grp, 0)),
-        "v": per_v(h),
+        "v": pl.BlockSpec(
+            (None, None, c, None, None, h), lambda i, n, j: (i, j, 0, n // grp, n % grp, 0)
+        ),
+        "u": per_v(h),
         "e": per_v(e),
         "vec": per_v(),
         "runs": pl.BlockSpec((None, None, c), lambda i, n, j: (i, j, 0)),
@@ -384,12 +401,12 @@ def _ut_specs(k, v):
 
 def _ut_grid(k, v):
     b, m, _, hk, _ = k.shape
-    return (b, hk * v.shape[3], m)
+    return (b, hk * v.shape[4], m)
 
 
 def _ut_call(cfg: _Config, k, v, beta, gam, read, runs):
     b, m, c, hk, e = k.shape
-    grp = v.shape[3]
+    grp, h = v.shape[4:]
     io = jnp.dtype(cfg.operand_dtype)
     sp = _ut_specs(k, v)
     return _call(
@@ -397,9 +414,9 @@ def _ut_call(cfg: _Config, k, v, beta, gam, read, runs):
         functools.partial(ut_kernel, dtype=io),
         _ut_grid(k, v),
         [sp["k"], sp["v"], sp["vec"], sp["vec"], sp["vec"], sp["runs"]],
-        [sp["v"], sp["e"]],
+        [sp["u"], sp["e"]],
         [
-            jax.ShapeDtypeStruct(v.shape, io),
+            jax.ShapeDtypeStruct((b, m, hk, grp, c, h), io),
             jax.ShapeDtypeStruct((b, m, hk, grp, c, e), io),
         ],
         "gated_delta_rule_ut",
@@ -414,8 +431,9 @@ def _ut_call(cfg: _Config, k, v, beta, gam, read, runs):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ut(cfg, k, v, beta, gam, read, runs):
-    u, w = _ut_call(cfg, k, v, beta, gam, read, runs)
-    return u.astype(v.dtype), w.astype(k.dtype)
+    """(U, W) in the operand dtype, as the state pass reads them: their cotangents then come
+    back in it too (upcast, they were 2 x 768 MiB of fp32 copies at 8 x 4096 bf16 tokens)."""
+    return _ut_call(cfg, k, v, beta, gam, read, runs)
 
 
 def _ut_fwd(cfg, k, v, beta, gam, read, runs):
@@ -426,7 +444,7 @@ def _ut_bwd(cfg, residuals, cotangents):
     k, v, beta, gam, read, runs = residuals
     du, dw = cotangents
     b, m, c, hk, e = k.shape
-    grp = v.shape[3]
+    grp = v.shape[4]
     io = jnp.dtype(cfg.operand_dtype)
     sp = _ut_specs(k, v)
     vec = jax.ShapeDtypeStruct(beta.shape, jnp.float32)
@@ -436,11 +454,11 @@ def _ut_bwd(cfg, residuals, cotangents):
         # columns taken at a time: block_v, at most 32 (fewer spills; see ut_bwd_kernel)
         functools.partial(ut_bwd_kernel, dtype=io, block=min(32, cfg.block_v, e)),
         _ut_grid(k, v),
-        [sp["k"], sp["v"], sp["vec"], sp["vec"], sp["vec"], sp["runs"], sp["v"], sp["e"]],
+        [sp["k"], sp["v"], sp["vec"], sp["vec"], sp["vec"], sp["runs"], sp["u"], sp["e"]],
         [sp["e"], sp["v"], sp["vec"], sp["vec"], sp["vec"]],
         [
-            jax.ShapeDtypeStruct((b, m, hk, grp, c, e), jnp.float32),
-            jax.ShapeDtypeStruct(v.shape, jnp.float32),
+            jax.ShapeDtypeStruct((b, m, hk, grp, c, e), jnp.float32),  # summed over G below
+            jax.ShapeDtypeStruct(v.shape, io),  # as v's own gradient will be
             vec,
             vec,
             vec,
@@ -551,6 +569,6 @@ def gated_delta_rule_pallas_gpu(
         initial_state = jnp.pad(initial_state, ((0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)))
     s0 = initial_state_or_zeros(initial_state, b, hk, hv // hk, dkp, dvp, jnp.float32)
     out, state = _state_pass(cfg, terms, s0)
-    out = unchunk(out, t)[..., :dv].astype(v.dtype)
+    out = out.reshape(b, -1, hv, dvp)[:, :t, :, :dv].astype(v.dtype)  # [B, M, C, K, G, H]
     state = state.reshape(b, hv, dkp, dvp)[:, :, :dk, :dv].astype(state_dtype)
     return out, state

@@ -229,7 +229,7 @@ def ut_bwd_kernel(
     for x in h_blocks:
         du, v32 = du_ref[:, x].astype(f32), v_ref[:, x].astype(f32)  # [C, block]
         dxv = _dot(tm, du, dtype, trans_a=True)
-        dv_ref[:, x] = beta[:, None] * dxv
+        dv_ref[:, x] = (beta[:, None] * dxv).astype(dv_ref.dtype)
         dbeta += jnp.sum(dxv * v32, axis=1)
         dtm += _dot(du, beta[:, None] * v32, dtype, trans_b=True)
     k_dxk = jnp.zeros((c,), f32)

@@ -153,10 +153,12 @@ def ut_transform(
 ) -> tuple[jax.Array, jax.Array]:
     """U = Tm diag(beta) V and W = Tm diag(beta * read) K with Tm = (I + A)^-1, all chunks.
 
-    Args: k [B, M, C, K, E]; v [B, M, K, G, C, H]; beta, gam, read [B, M, K, G, C];
-    runs [B, M, C]. Returns u [B, M, K, G, C, H] and w [B, M, K, G, C, E].
+    Args: k [B, M, C, K, E]; v [B, M, C, K, G, H] (the input's own order, chunked); beta,
+    gam, read [B, M, K, G, C]; runs [B, M, C]. Returns u [B, M, K, G, C, H] and
+    w [B, M, K, G, C, E].
     """
     c = k.shape[2]
+    v = jnp.moveaxis(v, 2, 4)  # [B, M, K, G, C, H]
     same_run = (runs[..., :, None] == runs[..., None, :])[:, :, None, None]  # [B, M, 1, 1, C, S]
     diff = gam[..., :, None] - gam[..., None, :]  # [B, M, K, G, C, S]
     decay_strict = _masked_exp(diff, jnp.tri(c, k=-1, dtype=bool) & same_run)
@@ -207,7 +209,9 @@ def chunk_terms(
         x = _pad_and_chunk(x.astype(dtype).reshape(b, t, hk, grp, *x.shape[3:]), pad, c)
         return jnp.moveaxis(x, 2, 4)
 
-    v = per_value_head(v)  # [B, M, K, G, C, H]
+    # v as it comes, [B, M, C, K, G, H]: a kernel reads it in place, where moving the heads
+    # first would copy it (`ut_transform` moves them itself).
+    v = _pad_and_chunk(v.astype(dtype).reshape(b, t, hk, grp, -1), pad, c)
     beta = per_value_head(beta)  # [B, M, K, G, C]
     gam = jnp.cumsum(per_value_head(g), axis=-1)  # [B, M, K, G, C]
     gam_last = gam[..., -1]  # [B, M, K, G]
