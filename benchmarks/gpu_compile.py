@@ -33,7 +33,6 @@ import argparse  # noqa: E402
 import collections  # noqa: E402
 import glob  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -43,6 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import utc_stamp, write_results  # noqa: E402
+from benchmarks.decode_hlo import large_writes  # noqa: E402
 from qwenjax.kernels.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu  # noqa: E402
 from qwenjax.kernels.gpu_target import h100_compile_only  # noqa: E402
 
@@ -52,11 +52,6 @@ CONFIGS = "64:4:2,64:8:2,32:4:2,64:4:3"  # block_v:num_warps:num_stages
 _THUNK = re.compile(
     r"(gated_delta_rule_\w+) grid: \[([\d, ]+)\] threads: \[([\d, ]+)\]\s+shared_memory: (\d+)"
 )
-# An instruction of the optimized HLO's entry computation: name, result type(s), opcode.
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = (\(.*?\)|\S+) ([\w-]+)\(")
-_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
-# What writes no buffer of its own (views, tuples, parameters) or is a kernel (custom calls).
-_NOT_XLA_WRITES = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant", "custom-call"}
 _PTXAS = {
     "registers": re.compile(r"Used (\d+) registers"),
     "spill_stores": re.compile(r"(\d+) bytes spill stores"),
@@ -109,23 +104,11 @@ def kernels_of(module: str, ptxas: str | None) -> list[dict]:
     return sorted(rows, key=lambda r: ORDER.index(r["kernel"]) if r["kernel"] in ORDER else 99)
 
 
-def xla_writes_mib(module: str) -> float:
+def xla_writes_mib(hlo: str) -> float:
     """MiB that XLA's own instructions (fusions, copies, transposes: everything at the top
-    level but the kernels' custom calls and views) write in jitted function `module`: the
-    traffic around the kernels, e.g. a transpose of v into the kernels' layout."""
-    total = 0
-    for path in glob.glob(os.path.join(_DUMP, f"module_*.{module}.*_after_optimizations.txt")):
-        with open(path) as f:
-            text = f.read()
-        entry = text[text.index("\nENTRY ") :]
-        for line in entry[: entry.index("\n}")].splitlines():
-            m = _INSTRUCTION.match(line)
-            if m is None or m.group(2) in _NOT_XLA_WRITES:
-                continue
-            for dtype, dims in _ARRAY.findall(m.group(1)):
-                bits = 1 if dtype == "pred" else int(re.sub(r"\D", "", dtype) or 8)
-                total += max(bits // 8, 1) * math.prod(int(d) for d in dims.split(",") if d)
-    return total / 2**20
+    level but the kernels' custom calls and views) write in the optimized `hlo`: the traffic
+    around the kernels, e.g. a transpose of v into the kernels' layout."""
+    return sum(w["mib"] for w in large_writes(hlo, 0))
 
 
 def main() -> None:
@@ -176,7 +159,7 @@ def main() -> None:
                 else:
                     row["temp_mib"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
                     row["kernels"] = kernels_of(f"jit_{module}", ptxas)
-                    row["xla_writes_mib"] = xla_writes_mib(f"jit_{module}")
+                    row["xla_writes_mib"] = xla_writes_mib(compiled.as_text())
                 row["compile_s"] = time.perf_counter() - t0
                 rows.append(row)
                 print(json.dumps(row), flush=True)
