@@ -177,7 +177,7 @@ def breakdown(shape, dtype, cfg_args, repeats: int) -> dict:
         return jax.jit(lambda *a: fn(cfg, *a))
 
     h, vn, _ = kernel(pg._state_fwd)(terms, s0)
-    do = jnp.ones_like(vn)
+    do = jnp.ones((b, terms.u.shape[1], CHUNK, hk, hv // hk, dv), vn.dtype)  # out's order
     dvl = kernel(pg._dv_local)(terms, do)
     dh, dvn, _ = kernel(pg._state_bwd)(terms, do, dvl, s0)
     kernels = {
