@@ -569,6 +569,6 @@ def gated_delta_rule_pallas_gpu(
         initial_state = jnp.pad(initial_state, ((0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)))
     s0 = initial_state_or_zeros(initial_state, b, hk, hv // hk, dkp, dvp, jnp.float32)
     out, state = _state_pass(cfg, terms, s0)
-    out = out.reshape(b, -1, hv, dvp)[:, :t, :, :dv].astype(v.dtype)  # [B, M, C, K, G, H]
+    out = out.reshape(b, -1, hv, dvp)[:, :t, :, :dv].astype(v.dtype)  # [B, M, C, K, G, H] -> v's
     state = state.reshape(b, hv, dkp, dvp)[:, :, :dk, :dv].astype(state_dtype)
     return out, state

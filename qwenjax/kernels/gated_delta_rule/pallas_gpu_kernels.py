@@ -213,9 +213,9 @@ def ut_bwd_kernel(
     Every [C, E] or [C, H] operand is taken `block` columns at a time, so that besides the
     [C, C] tiles (Tm, K K^T, D, dTm) only a few [C, block] tiles are live. At C = 64,
     E = H = 128, 8 warps, sm_90, ptxas reported register spills of 440 B a thread with whole
-    [C, 128] tiles, 212 B with blocks of 64 and 120 B with blocks of 32
-    (`benchmarks/gpu_compile.py`); the rest is the inverse's. dXk is recomputed in the last
-    pass (a [C, C] by [C, block] product) rather than kept.
+    [C, 128] tiles, 212 B with blocks of 64 and 120 B with blocks of 32 (92 B once dU and dW
+    came in bf16 for bf16 inputs; `benchmarks/gpu_compile.py`); the rest is the inverse's. dXk
+    is recomputed in the last pass (a [C, C] by [C, block] product) rather than kept.
     """
     f32 = jnp.float32
     c, e = k_ref.shape
@@ -240,8 +240,7 @@ def ut_bwd_kernel(
     da = -_dot(
         _dot(tm, dtm, dtype, trans_a=True, keep_fp32=True), tm, dtype, trans_b=True, keep_fp32=True
     )
-    # dA * D: zero off the strict mask, as D is; D recomputed rather than kept live
-    da_d = da * decay
+    da_d = da * decay  # dA * D: zero off the strict mask, as D is
     dkk = da_d * beta[:, None]  # [C, S]
     p = dkk * kk  # dD * D: the gradient of the exponent gam_r - gam_s
     dgam_ref[...] = jnp.sum(p, axis=1) - jnp.sum(p, axis=0)
