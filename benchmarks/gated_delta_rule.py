@@ -122,7 +122,6 @@ def breakdown(shape, dtype, cfg_args, repeats: int) -> dict:
     transform kernel), the whole state pass, and each of its kernels alone (the sequential
     state_fwd and state_bwd, the parallel out_fwd, dv_local and dqkw)."""
     from qwenjax.kernels.gated_delta_rule import pallas_gpu as pg
-    from qwenjax.kernels.gated_delta_rule.xla import chunk_terms
 
     q, k, v, g, beta = inputs(shape, dtype, seed=1)
     b, _, hk, hv, dk, dv = shape
@@ -137,25 +136,7 @@ def breakdown(shape, dtype, cfg_args, repeats: int) -> dict:
     )
 
     def terms_fn(q, k, v, g, beta):
-        t_ = chunk_terms(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            scale=None,
-            segment_ids=None,
-            use_qk_l2norm=True,
-            chunk_size=CHUNK,
-            precision=jax.lax.Precision.DEFAULT if low else jax.lax.Precision.HIGHEST,
-            ut=lambda k, v, beta, gam, read, runs, precision: pg._ut(
-                cfg, k, v, beta, gam, read, runs
-            ),
-        )
-        io = dtype if low else jnp.float32
-        return t_._replace(
-            q=t_.q.astype(io), k=t_.k.astype(io), u=t_.u.astype(io), w=t_.w.astype(io), attn=None
-        )
+        return pg._terms(cfg, q, k, v, g, beta, dk**-0.5, None, True, CHUNK)
 
     terms = jax.jit(terms_fn)(q, k, v, g, beta)
     s0 = jnp.zeros((b, hk, hv // hk, dk, dv), jnp.float32)
@@ -167,8 +148,7 @@ def breakdown(shape, dtype, cfg_args, repeats: int) -> dict:
 
     def terms_both(*a):
         def floats(*a):  # the float fields: runs (ints) take no cotangent
-            t_ = terms_fn(*a)
-            return (t_.q, t_.k, t_.u, t_.w, t_.gam, t_.read, t_.write, t_.decay)
+            return terms_fn(*a)._replace(runs=None)
 
         out, vjp = jax.vjp(floats, *a)
         return vjp(jax.tree.map(jnp.ones_like, out))

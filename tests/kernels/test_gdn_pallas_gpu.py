@@ -143,11 +143,12 @@ def test_compiles_for_h100_at_27b_geometry():
     on this CPU (XLA deviceless: Triton compiles every kernel for sm_90a, and XLA checks each
     launch's shared memory against the 227 KB a block may have — e.g. block_v 128 at 3 stages
     fails here with "Shared memory size limit exceeded"). The temporaries stay O(T·d) plus
-    per-chunk states: under 1 GiB (measured 551 MiB). Around the kernels XLA writes little
-    (measured 123 MiB): v, the output and their gradients are not transposed for the kernels,
-    nor the UT kernel's cotangents upcast (507 MiB when they were)."""
+    per-chunk states: under 1 GiB (measured 536 MiB). Around the kernels XLA writes little
+    (measured 43 MiB): v, the output and their gradients are not transposed for the kernels,
+    nor the UT kernel's cotangents upcast (507 MiB when they were), and the l2norm and query
+    scale happen in the kernels, so no normalised q, k is written (123 MiB when it was)."""
     report = compile_report(COMPILE_FOR_H100, 4096, pythonpath=cuda_plugin_path())
     kernels = {"dqkw", "dv_local", "out_fwd", "state_bwd", "state_fwd", "ut", "ut_bwd"}
     assert kernels <= set(report["kernels"]), report["kernels"]
     assert report["temp_bytes"] < 2**30, report
-    assert report["xla_mib"] < 200, report
+    assert report["xla_mib"] < 80, report

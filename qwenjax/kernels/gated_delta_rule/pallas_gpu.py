@@ -3,9 +3,14 @@
 The chunked form (`xla.py`) splits into terms that need no state, computed for all chunks at
 once by `xla.chunk_terms`, and the state pass, which is sequential over chunks. The UT transform
 (A, (I + A)^-1 by block doubling, U, W; one program per chunk and value head) and its backward
-are kernels that recompute Tm; the cheap elementwise terms (l2norm, scale, the decay cumsum and
-scales) stay jnp, fused by XLA and differentiated by JAX. Per chunk, with S the fp32 state
-[E, H] before the chunk and D the decay mask of the chunk:
+are kernels that recompute Tm; the cheap elementwise terms (the decay cumsum and scales) stay
+jnp, fused by XLA and differentiated by JAX. The l2norm of q and k and the query scale are fused
+into the kernels: they read raw q and k and one factor per token and key head (rq = scale / |q|,
+rk = 1 / |k|, computed outside from q and k), and scale the rows of each tile they load, so no
+normalised copy of q or k is ever written. Their dq and dk are w.r.t. the normalised q and k;
+beside them they write the rowsums of q dq and k dk, the gradients of the factors (times the
+factors), and the chain rule to raw q, k happens outside (`_row_grads`). Per chunk, with S the
+fp32 state [E, H] before the chunk and D the decay mask of the chunk:
 
     Vn = U - W S                                   per-token deltas [C, H]
     O  = read * (Q S) + ((Q K^T) * D) Vn           D_rs = exp(gam_r - gam_s) [s <= r, same run]
@@ -43,7 +48,10 @@ size [C, C] per chunk is read from memory.
 Layouts: v, out and their gradients stay in the caller's token-major order ([B, T, Hv, H] seen as
 [B, M, C, K, G, H]: the BlockSpecs pick a value head's [C, H] block out of it), so nothing
 transposes them into and out of the kernels (at 8 x 4096 bf16 tokens that was 4 x 384 MiB written
-around a forward and backward). U and W (and their gradients) are in the operand dtype.
+around a forward and backward). U and W (and their gradients) are in the operand dtype. At that
+size XLA's own instructions around the kernels write 63 MiB forward and 348 MiB forward and
+backward (`benchmarks/gpu_compile.py`; 1079 and 3676 MiB before these layouts and the in-kernel
+l2norm).
 
 Stored between the kernels, in the operand dtype: h [B, K, G, M, E, H] and Vn [B, M, K, G, C, H]
 by the forward (the backward's residuals with q, k, w and the gates; not U), dVl, dh and dVn by
@@ -83,12 +91,8 @@ from qwenjax.kernels.gated_delta_rule.pallas_gpu_kernels import (
     ut_bwd_kernel,
     ut_kernel,
 )
-from qwenjax.kernels.gated_delta_rule.reference import compute_dtype
-from qwenjax.kernels.gated_delta_rule.xla import (
-    ChunkTerms,
-    chunk_terms,
-    initial_state_or_zeros,
-)
+from qwenjax.kernels.gated_delta_rule.reference import L2NORM_EPS, compute_dtype
+from qwenjax.kernels.gated_delta_rule.xla import chunk_terms, initial_state_or_zeros
 from qwenjax.kernels.platform import triton_or_interpreted
 
 
@@ -116,7 +120,53 @@ class _Dims(NamedTuple):
     h: int
 
 
-def _dims(t: ChunkTerms) -> _Dims:
+class _Terms(NamedTuple):
+    """What the state-pass kernels read: `xla.ChunkTerms` without attn, with q and k raw
+    (chunked, in the operand dtype) beside their row factors, so that the kernels apply the
+    l2norm and the query scale to the tiles they load (no normalised copy of q, k exists)."""
+
+    q: jax.Array  # [B, M, C, K, E]
+    rq: jax.Array  # [B, M, C, K] fp32: the rule reads q * rq (l2norm and scale)
+    k: jax.Array  # [B, M, C, K, E]
+    rk: jax.Array  # [B, M, C, K] fp32: the rule reads k * rk
+    u: jax.Array  # [B, M, K, G, C, H]
+    w: jax.Array  # [B, M, K, G, C, E]
+    gam: jax.Array  # [B, M, K, G, C]
+    read: jax.Array  # [B, M, K, G, C]
+    write: jax.Array  # [B, M, K, G, C]
+    decay: jax.Array  # [B, M, K, G]
+    runs: jax.Array  # [B, M, C]
+
+
+def _row_factors(q, k, scale: float, use_qk_l2norm: bool):
+    """Per token and key head, the factors that make q and k what the rule reads
+    (`reference.prepare_qk`): q * scale / |q|, k / |k| ([B, T, K], in the compute dtype)."""
+    dtype = compute_dtype(q, k)
+
+    def inverse_norm(x):
+        x = x.astype(dtype)
+        return jax.lax.rsqrt(jnp.sum(x * x, axis=-1) + L2NORM_EPS)
+
+    if not use_qk_l2norm:
+        ones = jnp.ones(q.shape[:-1], dtype)
+        return ones * scale, ones
+    return inverse_norm(q) * scale, inverse_norm(k)
+
+
+def _row_grads(dx_hat, xdx, x, r):
+    """(dx, dr): the gradients w.r.t. raw x [B, M, C, K, E] and its row factor r [B, M, C, K],
+    from dx_hat [B, M, K, G, C, E], the gradient w.r.t. x_hat = x r per value head, and xdx
+    [..., B, M, K, G, C], the kernels' partial rowsums of x_hat dx_hat, which are r dr: the
+    sum over G is then taken once, into dx, and not kept in fp32 for a second pass. r = 0
+    (a query scale of 0) makes x_hat 0 and r's own gradient through x nothing: dr = 0."""
+    r_v = jnp.moveaxis(r, 2, 3)[:, :, :, None, :, None]  # [B, M, K, 1, C, 1]
+    dx = jnp.moveaxis(jnp.sum(dx_hat * r_v, axis=3), 3, 2)  # value heads summed onto theirs
+    r_dr = jnp.moveaxis(jnp.sum(xdx, axis=(*range(xdx.ndim - 5), -2)), 3, 2)
+    dr = jnp.where(r == 0, 0.0, r_dr / jnp.where(r == 0, 1.0, r))
+    return dx.astype(x.dtype), dr
+
+
+def _dims(t: _Terms) -> _Dims:
     b, m, hk, grp, c, h = t.u.shape
     return _Dims(b, m, c, hk, grp, t.q.shape[-1], h)
 
@@ -135,6 +185,7 @@ def _seq_specs(d: _Dims, bv: int) -> dict[str, pl.BlockSpec]:
 
     return {
         "qk": pl.BlockSpec((None, d.m, d.c, None, d.e), lambda b, n, j: (b, 0, 0, n // d.grp, 0)),
+        "r": pl.BlockSpec((None, d.m, d.c, None), lambda b, n, j: (b, 0, 0, n // d.grp)),
         "uv": pl.BlockSpec(  # [B, M, K, G, C, H], value block j
             (None, d.m, None, None, d.c, bv), lambda b, n, j: (b, 0, *value_head(n), 0, j)
         ),
@@ -174,6 +225,7 @@ def _chunk_specs(d: _Dims, bk: int, bv: int) -> dict[str, pl.BlockSpec]:
         "qk": pl.BlockSpec(  # [B, M, C, K, E]
             (None, None, d.c, None, bk), lambda b, n, i, x: (b, i, 0, n // d.grp, kb(x))
         ),
+        "r": pl.BlockSpec((None, None, d.c, None), lambda b, n, i, x: (b, i, 0, n // d.grp)),
         "uv": pl.BlockSpec(per_v(d.c, bv), lambda b, n, i, x: (b, i, *heads(n), 0, vb(x))),
         "tok": pl.BlockSpec(  # [B, M, C, K, G, H] (out and dO: the caller's order)
             (None, None, d.c, None, None, bv), lambda b, n, i, x: (b, i, 0, *heads(n), vb(x))
@@ -213,7 +265,7 @@ def _like(x: jax.Array, dtype=None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype if dtype is None else dtype)
 
 
-def _state_fwd(cfg: _Config, t: ChunkTerms, s0: jax.Array):
+def _state_fwd(cfg: _Config, t: _Terms, s0: jax.Array):
     """Sequential: (h [B, K, G, M, E, H], Vn [B, M, K, G, C, H], final state [B, K, G, E, H])."""
     d = _dims(t)
     sp = _seq_specs(d, cfg.block_v)
@@ -222,7 +274,7 @@ def _state_fwd(cfg: _Config, t: ChunkTerms, s0: jax.Array):
         cfg,
         functools.partial(state_fwd_kernel, dtype=io),
         (d.b, d.hk * d.grp, d.h // cfg.block_v),
-        [sp["qk"], sp["uv"], sp["w"], sp["vec"], sp["scalar"], sp["state"]],
+        [sp["qk"], sp["r"], sp["uv"], sp["w"], sp["vec"], sp["scalar"], sp["state"]],
         [sp["h"], sp["uv"], sp["state"]],
         [
             jax.ShapeDtypeStruct((d.b, d.hk, d.grp, d.m, d.e, d.h), io),
@@ -231,6 +283,7 @@ def _state_fwd(cfg: _Config, t: ChunkTerms, s0: jax.Array):
         ],
         "gated_delta_rule_state_fwd",
         t.k,
+        t.rk,
         t.u,
         t.w,
         t.write,
@@ -239,7 +292,7 @@ def _state_fwd(cfg: _Config, t: ChunkTerms, s0: jax.Array):
     )
 
 
-def _per_value_block(cfg: _Config, t: ChunkTerms, kernel, name: str, specs, out, *args):
+def _per_value_block(cfg: _Config, t: _Terms, kernel, name: str, specs, out, *args):
     """A parallel kernel over (B, Hv, M, H / BV) whose output is laid out like u (`out` "uv")
     or token-major, [B, M, C, K, G, H] (`out` "tok")."""
     d = _dims(t)
@@ -257,21 +310,21 @@ def _per_value_block(cfg: _Config, t: ChunkTerms, kernel, name: str, specs, out,
     )
 
 
-def _out_fwd(cfg: _Config, t: ChunkTerms, h: jax.Array, vn: jax.Array) -> jax.Array:
+def _out_fwd(cfg: _Config, t: _Terms, h: jax.Array, vn: jax.Array) -> jax.Array:
     """Parallel over chunks: out [B, M, C, K, G, H] (a reshape of [B, T, Hv, H])."""
-    specs = ("qk", "qk", "h", "uv", "vec", "vec", "runs")
-    args = (t.q, t.k, h, vn, t.gam, t.read, t.runs)
+    specs = ("qk", "r", "qk", "r", "h", "uv", "vec", "vec", "runs")
+    args = (t.q, t.rq, t.k, t.rk, h, vn, t.gam, t.read, t.runs)
     return _per_value_block(cfg, t, out_kernel, "out_fwd", specs, "tok", *args)
 
 
-def _dv_local(cfg: _Config, t: ChunkTerms, do: jax.Array) -> jax.Array:
+def _dv_local(cfg: _Config, t: _Terms, do: jax.Array) -> jax.Array:
     """Parallel over chunks: dVl [B, M, K, G, C, H], the intra-chunk part of dVn."""
-    specs = ("qk", "qk", "vec", "runs", "tok")
-    args = (t.q, t.k, t.gam, t.runs, do)
+    specs = ("qk", "r", "qk", "r", "vec", "runs", "tok")
+    args = (t.q, t.rq, t.k, t.rk, t.gam, t.runs, do)
     return _per_value_block(cfg, t, dv_local_kernel, "dv_local", specs, "uv", *args)
 
 
-def _state_bwd(cfg: _Config, t: ChunkTerms, do: jax.Array, dvl: jax.Array, dsf: jax.Array):
+def _state_bwd(cfg: _Config, t: _Terms, do: jax.Array, dvl: jax.Array, dsf: jax.Array):
     """Sequential, chunks in reverse: (dh [B, K, G, M, E, H], dVn = dU, ds0 [B, K, G, E, H])."""
     d = _dims(t)
     sp = _seq_specs(d, cfg.block_v)
@@ -280,7 +333,7 @@ def _state_bwd(cfg: _Config, t: ChunkTerms, do: jax.Array, dvl: jax.Array, dsf: 
         cfg,
         functools.partial(state_bwd_kernel, dtype=io),
         (d.b, d.hk * d.grp, d.h // cfg.block_v),
-        [sp[n] for n in ("qk", "qk", "w", "vec", "vec", "scalar", "tok", "uv", "state")],
+        [sp[n] for n in ("qk", "r", "qk", "r", "w", "vec", "vec", "scalar", "tok", "uv", "state")],
         [sp["h"], sp["uv"], sp["state"]],
         [
             jax.ShapeDtypeStruct((d.b, d.hk, d.grp, d.m, d.e, d.h), io),
@@ -289,7 +342,9 @@ def _state_bwd(cfg: _Config, t: ChunkTerms, do: jax.Array, dvl: jax.Array, dsf: 
         ],
         "gated_delta_rule_state_bwd",
         t.q,
+        t.rq,
         t.k,
+        t.rk,
         t.w,
         t.read,
         t.write,
@@ -300,9 +355,10 @@ def _state_bwd(cfg: _Config, t: ChunkTerms, do: jax.Array, dvl: jax.Array, dsf: 
     )
 
 
-def _dqkw(cfg: _Config, t: ChunkTerms, h, dh, vn, dvn, do):
-    """Parallel over chunks and key blocks: dq, dk (per value head), dw [B, M, K, G, C, E] and
-    the partials over key blocks of dgam, dread, dwrite [NK, B, M, K, G, C], ddecay [NK, ...]."""
+def _dqkw(cfg: _Config, t: _Terms, h, dh, vn, dvn, do):
+    """Parallel over chunks and key blocks: dq, dk (per value head, w.r.t. the normalised q, k),
+    dw [B, M, K, G, C, E] and the partials over key blocks of dgam, dread, dwrite, and of the
+    rowsums of raw q dq and k dk [NK, B, M, K, G, C], ddecay [NK, ...]."""
     d = _dims(t)
     bk = min(cfg.block_v, d.e)
     nk, f32 = d.e // bk, jnp.float32
@@ -314,12 +370,31 @@ def _dqkw(cfg: _Config, t: ChunkTerms, h, dh, vn, dvn, do):
         cfg,
         functools.partial(dqkw_kernel, dtype=jnp.dtype(cfg.operand_dtype), block_v=cfg.block_v),
         (d.b, d.hk * d.grp, d.m, nk),
-        [sp[n] for n in ("qk", "qk", "h", "h", "uv", "uv", "tok", "vec", "vec", "vec", "runs")],
-        [sp["e"], sp["e"], sp["e"], *[sp["p_vec"]] * 3, sp["p_scalar"]],
-        [per_e, per_e, _like(t.w), part_vec, part_vec, part_vec, part_scalar],
+        [
+            sp[n]
+            for n in (
+                "qk",
+                "r",
+                "qk",
+                "r",
+                "h",
+                "h",
+                "uv",
+                "uv",
+                "tok",
+                "vec",
+                "vec",
+                "vec",
+                "runs",
+            )
+        ],
+        [sp["e"], sp["e"], sp["e"], *[sp["p_vec"]] * 3, sp["p_scalar"], *[sp["p_vec"]] * 2],
+        [per_e, per_e, _like(t.w), part_vec, part_vec, part_vec, part_scalar, part_vec, part_vec],
         "gated_delta_rule_dqkw",
         t.q,
+        t.rq,
         t.k,
+        t.rk,
         h,
         dh,
         vn,
@@ -332,13 +407,13 @@ def _dqkw(cfg: _Config, t: ChunkTerms, h, dh, vn, dvn, do):
     )
 
 
-def _forward(cfg: _Config, t: ChunkTerms, s0: jax.Array):
+def _forward(cfg: _Config, t: _Terms, s0: jax.Array):
     h, vn, sf = _state_fwd(cfg, t, s0)
     return _out_fwd(cfg, t, h, vn), sf, h, vn
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _state_pass(cfg: _Config, t: ChunkTerms, s0: jax.Array):
+def _state_pass(cfg: _Config, t: _Terms, s0: jax.Array):
     out, sf, _, _ = _forward(cfg, t, s0)
     return out, sf
 
@@ -353,14 +428,14 @@ def _state_pass_bwd(cfg, residuals, cotangents):
     t = t._replace(u=vn)  # only as the shape and dtype of U (and of out, dVl, dVn)
     do, dsf = cotangents
     dh, dvn, ds0 = _state_bwd(cfg, t, do, _dv_local(cfg, t, do), dsf)
-    dq, dk, dw, dgam, dread, dwrite, ddecay = _dqkw(cfg, t, h, dh, vn, dvn, do)
-
-    def per_key_head(x):  # [B, M, K, G, C, E] -> [B, M, C, K, E]
-        return jnp.moveaxis(x.sum(axis=3), 3, 2)
-
+    dq, dk, dw, dgam, dread, dwrite, ddecay, qdq, kdk = _dqkw(cfg, t, h, dh, vn, dvn, do)
+    dq, drq = _row_grads(dq, qdq, t.q, t.rq)
+    dk, drk = _row_grads(dk, kdk, t.k, t.rk)
     grads = t._replace(
-        q=per_key_head(dq).astype(t.q.dtype),
-        k=per_key_head(dk).astype(t.k.dtype),
+        q=dq,
+        rq=drq,
+        k=dk,
+        rk=drk,
         u=dvn,
         w=dw,
         gam=dgam.sum(axis=0),
@@ -368,7 +443,6 @@ def _state_pass_bwd(cfg, residuals, cotangents):
         write=dwrite.sum(axis=0),
         decay=ddecay.sum(axis=0),
         runs=None,
-        attn=None,
     )
     return grads, ds0
 
@@ -389,6 +463,7 @@ def _ut_specs(k, v):
 
     return {
         "k": pl.BlockSpec((None, None, c, None, e), lambda i, n, j: (i, j, 0, n // grp, 0)),
+        "r": pl.BlockSpec((None, None, c, None), lambda i, n, j: (i, j, 0, n // grp)),
         "v": pl.BlockSpec(
             (None, None, c, None, None, h), lambda i, n, j: (i, j, 0, n // grp, n % grp, 0)
         ),
@@ -404,7 +479,7 @@ def _ut_grid(k, v):
     return (b, hk * v.shape[4], m)
 
 
-def _ut_call(cfg: _Config, k, v, beta, gam, read, runs):
+def _ut_call(cfg: _Config, k, rk, v, beta, gam, read, runs):
     b, m, c, hk, e = k.shape
     grp, h = v.shape[4:]
     io = jnp.dtype(cfg.operand_dtype)
@@ -413,7 +488,7 @@ def _ut_call(cfg: _Config, k, v, beta, gam, read, runs):
         cfg,
         functools.partial(ut_kernel, dtype=io),
         _ut_grid(k, v),
-        [sp["k"], sp["v"], sp["vec"], sp["vec"], sp["vec"], sp["runs"]],
+        [sp["k"], sp["r"], sp["v"], sp["vec"], sp["vec"], sp["vec"], sp["runs"]],
         [sp["u"], sp["e"]],
         [
             jax.ShapeDtypeStruct((b, m, hk, grp, c, h), io),
@@ -421,6 +496,7 @@ def _ut_call(cfg: _Config, k, v, beta, gam, read, runs):
         ],
         "gated_delta_rule_ut",
         k.astype(io),
+        rk,
         v.astype(io),
         beta,
         gam,
@@ -430,41 +506,44 @@ def _ut_call(cfg: _Config, k, v, beta, gam, read, runs):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ut(cfg, k, v, beta, gam, read, runs):
+def _ut(cfg, k, rk, v, beta, gam, read, runs):
     """(U, W) in the operand dtype, as the state pass reads them: their cotangents then come
-    back in it too (upcast, they were 2 x 768 MiB of fp32 copies at 8 x 4096 bf16 tokens)."""
-    return _ut_call(cfg, k, v, beta, gam, read, runs)
+    back in it too (upcast, they were 2 x 768 MiB of fp32 copies at 8 x 4096 bf16 tokens).
+    k is raw, rk its row factors ([B, M, C, K])."""
+    return _ut_call(cfg, k, rk, v, beta, gam, read, runs)
 
 
-def _ut_fwd(cfg, k, v, beta, gam, read, runs):
-    return _ut(cfg, k, v, beta, gam, read, runs), (k, v, beta, gam, read, runs)
+def _ut_fwd(cfg, k, rk, v, beta, gam, read, runs):
+    return _ut(cfg, k, rk, v, beta, gam, read, runs), (k, rk, v, beta, gam, read, runs)
 
 
 def _ut_bwd(cfg, residuals, cotangents):
-    k, v, beta, gam, read, runs = residuals
+    k, rk, v, beta, gam, read, runs = residuals
     du, dw = cotangents
     b, m, c, hk, e = k.shape
     grp = v.shape[4]
     io = jnp.dtype(cfg.operand_dtype)
     sp = _ut_specs(k, v)
     vec = jax.ShapeDtypeStruct(beta.shape, jnp.float32)
-    dk, dv, dbeta, dgam, dread = _call(
+    dk, dv, dbeta, dgam, dread, kdk = _call(
         # the [C, C] tiles of the recomputed inverse fill the registers: at 4 warps they spill
         cfg._replace(num_warps=max(8, cfg.num_warps)),
         # columns taken at a time: block_v, at most 32 (fewer spills; see ut_bwd_kernel)
         functools.partial(ut_bwd_kernel, dtype=io, block=min(32, cfg.block_v, e)),
         _ut_grid(k, v),
-        [sp["k"], sp["v"], sp["vec"], sp["vec"], sp["vec"], sp["runs"], sp["u"], sp["e"]],
-        [sp["e"], sp["v"], sp["vec"], sp["vec"], sp["vec"]],
+        [sp["k"], sp["r"], sp["v"], sp["vec"], sp["vec"], sp["vec"], sp["runs"], sp["u"], sp["e"]],
+        [sp["e"], sp["v"], sp["vec"], sp["vec"], sp["vec"], sp["vec"]],
         [
             jax.ShapeDtypeStruct((b, m, hk, grp, c, e), jnp.float32),  # summed over G below
             jax.ShapeDtypeStruct(v.shape, io),  # as v's own gradient will be
             vec,
             vec,
             vec,
+            vec,
         ],
         "gated_delta_rule_ut_bwd",
         k.astype(io),
+        rk,
         v.astype(io),
         beta,
         gam,
@@ -473,9 +552,10 @@ def _ut_bwd(cfg, residuals, cotangents):
         du,
         dw,
     )
-    dk = jnp.moveaxis(dk.sum(axis=3), 3, 2)  # value heads summed onto their key head
+    dk, drk = _row_grads(dk, kdk, k, rk)
     return (
-        dk.astype(k.dtype),
+        dk,
+        drk,
         dv.astype(v.dtype),
         dbeta.astype(beta.dtype),
         dgam.astype(gam.dtype),
@@ -485,6 +565,47 @@ def _ut_bwd(cfg, residuals, cotangents):
 
 
 _ut.defvjp(_ut_fwd, _ut_bwd)
+
+
+def _terms(cfg: _Config, q, k, v, g, beta, scale, segment_ids, use_qk_l2norm, chunk_size):
+    """What the state pass reads, from head-padded q, k [B, T, K, E] and v [B, T, Hv, H]: the
+    chunked terms (the UT transform a kernel) with q and k raw in the operand dtype beside their
+    row factors, which the kernels apply (the l2norm and the query scale)."""
+    b, t, hk, _ = q.shape
+    io = jnp.dtype(cfg.operand_dtype)  # the kernels compute in fp32 (float64 only in CPU tests)
+
+    def chunked(x):  # [B, T, K] -> [B, M, C, K] fp32, T zero-padded
+        x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, -t % chunk_size), (0, 0)))
+        return x.reshape(b, -1, chunk_size, hk)
+
+    rq, rk = (chunked(r) for r in _row_factors(q, k, scale, use_qk_l2norm))
+    low = io != jnp.float32
+    terms = chunk_terms(  # told not to normalise: q and k stay raw
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale=1.0,
+        segment_ids=segment_ids,
+        use_qk_l2norm=False,
+        chunk_size=chunk_size,
+        precision=jax.lax.Precision.DEFAULT if low else jax.lax.Precision.HIGHEST,
+        ut=lambda k, v, beta, gam, read, runs, precision: _ut(cfg, k, rk, v, beta, gam, read, runs),
+    )
+    return _Terms(
+        q=terms.q.astype(io),
+        rq=rq,
+        k=terms.k.astype(io),
+        rk=rk,
+        u=terms.u,
+        w=terms.w,
+        gam=terms.gam.astype(jnp.float32),
+        read=terms.read.astype(jnp.float32),
+        write=terms.write.astype(jnp.float32),
+        decay=terms.decay.astype(jnp.float32),
+        runs=terms.runs,
+    )
 
 
 def gated_delta_rule_pallas_gpu(
@@ -539,32 +660,7 @@ def gated_delta_rule_pallas_gpu(
     q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, dkp - dk)))
     k = jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, dkp - dk)))
     v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, dvp - dv)))
-    terms = chunk_terms(
-        q,
-        k,
-        v,
-        g,
-        beta,
-        scale=scale,
-        segment_ids=segment_ids,
-        use_qk_l2norm=use_qk_l2norm,
-        chunk_size=chunk_size,
-        precision=jax.lax.Precision.DEFAULT if low else jax.lax.Precision.HIGHEST,
-        ut=lambda k, v, beta, gam, read, runs, precision: _ut(cfg, k, v, beta, gam, read, runs),
-    )
-    # The kernels compute in fp32 (float64 inputs exist only in CPU tests).
-    io = jnp.dtype(cfg.operand_dtype)
-    terms = terms._replace(
-        q=terms.q.astype(io),
-        k=terms.k.astype(io),
-        u=terms.u.astype(io),
-        w=terms.w.astype(io),
-        gam=terms.gam.astype(jnp.float32),
-        read=terms.read.astype(jnp.float32),
-        write=terms.write.astype(jnp.float32),
-        decay=terms.decay.astype(jnp.float32),
-        attn=None,
-    )
+    terms = _terms(cfg, q, k, v, g, beta, scale, segment_ids, use_qk_l2norm, chunk_size)
     if initial_state is not None:
         initial_state = jnp.pad(initial_state, ((0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)))
     s0 = initial_state_or_zeros(initial_state, b, hk, hv // hk, dkp, dvp, jnp.float32)

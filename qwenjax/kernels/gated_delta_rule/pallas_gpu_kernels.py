@@ -19,6 +19,12 @@ def _dot(a, b, dtype, *, trans_a: bool = False, trans_b: bool = False, keep_fp32
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
+def _rows(x, r):
+    """x [R, N] with row i times r[i], rounded back to x's dtype: q and k as the rule reads
+    them (l2-normalised, q scaled), from the raw rows and one factor per token and head."""
+    return (x.astype(jnp.float32) * r.astype(jnp.float32)[:, None]).astype(x.dtype)
+
+
 def _decay_mask(gam, runs):
     """D [C, S]: exp(gam_r - gam_s) for s <= r in the same run, else 0 (never exp of > 0)."""
     c = gam.shape[0]
@@ -34,7 +40,8 @@ def _attn(q, k, gam_ref, run_ref, dtype):
 
 
 def state_fwd_kernel(
-    k_ref,  # [M, C, E] key head n // G
+    k_ref,  # [M, C, E] key head n // G, raw
+    rk_ref,  # [M, C] its row factors
     u_ref,  # [M, C, BV] value head n, value block j
     w_ref,  # [M, C, E]
     write_ref,  # [M, C]
@@ -51,31 +58,37 @@ def state_fwd_kernel(
         vn = u_ref[i].astype(jnp.float32) - _dot(w_ref[i], s, dtype)  # [C, BV]
         vn_ref[i] = vn.astype(vn_ref.dtype)
         write = write_ref[i].astype(jnp.float32)[:, None]
-        return decay_ref[i] * s + _dot(k_ref[i], write * vn, dtype, trans_a=True)
+        k = _rows(k_ref[i], rk_ref[i])
+        return decay_ref[i] * s + _dot(k, write * vn, dtype, trans_a=True)
 
     s = jax.lax.fori_loop(0, k_ref.shape[0], chunk, s0_ref[...].astype(jnp.float32))
     sf_ref[...] = s
 
 
-def out_kernel(q_ref, k_ref, h_ref, vn_ref, gam_ref, read_ref, run_ref, o_ref, *, dtype):
-    """O = read * (Q h) + ((Q K^T) * D) Vn of one chunk and value block: q, k [C, E];
-    h [E, BV]; vn, o [C, BV]; gam, read, runs [C]."""
-    q = q_ref[...]
-    attn = _attn(q, k_ref[...], gam_ref, run_ref, dtype)  # [C, S]
+def out_kernel(
+    q_ref, rq_ref, k_ref, rk_ref, h_ref, vn_ref, gam_ref, read_ref, run_ref, o_ref, *, dtype
+):
+    """O = read * (Q h) + ((Q K^T) * D) Vn of one chunk and value block: q, k [C, E] raw and
+    rq, rk [C] their row factors; h [E, BV]; vn, o [C, BV]; gam, read, runs [C]."""
+    q = _rows(q_ref[...], rq_ref[...])
+    attn = _attn(q, _rows(k_ref[...], rk_ref[...]), gam_ref, run_ref, dtype)  # [C, S]
     read = read_ref[...].astype(jnp.float32)[:, None]
     o = read * _dot(q, h_ref[...], dtype) + _dot(attn, vn_ref[...], dtype)
     o_ref[...] = o.astype(o_ref.dtype)
 
 
-def dv_local_kernel(q_ref, k_ref, gam_ref, run_ref, do_ref, dvl_ref, *, dtype):
+def dv_local_kernel(q_ref, rq_ref, k_ref, rk_ref, gam_ref, run_ref, do_ref, dvl_ref, *, dtype):
     """dVl = ((Q K^T) * D)^T dO of one chunk and value block: do, dvl [C, BV]."""
-    attn = _attn(q_ref[...], k_ref[...], gam_ref, run_ref, dtype)  # [C, S]
+    q, k = _rows(q_ref[...], rq_ref[...]), _rows(k_ref[...], rk_ref[...])
+    attn = _attn(q, k, gam_ref, run_ref, dtype)  # [C, S]
     dvl_ref[...] = _dot(attn, do_ref[...], dtype, trans_a=True).astype(dvl_ref.dtype)
 
 
 def state_bwd_kernel(
-    q_ref,  # [M, C, E]
-    k_ref,  # [M, C, E]
+    q_ref,  # [M, C, E] raw
+    rq_ref,  # [M, C] its row factors
+    k_ref,  # [M, C, E] raw
+    rk_ref,  # [M, C]
     w_ref,  # [M, C, E]
     read_ref,  # [M, C]
     write_ref,  # [M, C]
@@ -95,12 +108,12 @@ def state_bwd_kernel(
         i = m - 1 - j
         dh_ref[i] = ds.astype(dh_ref.dtype)
         write, read = write_ref[i].astype(f32)[:, None], read_ref[i].astype(f32)[:, None]
-        dvn = dvl_ref[i].astype(f32) + write * _dot(k_ref[i], ds, dtype)  # [C, BV]
-        dvn_ref[i] = dvn.astype(dvn_ref.dtype)
+        dvn = dvl_ref[i].astype(f32) + write * _dot(_rows(k_ref[i], rk_ref[i]), ds, dtype)
+        dvn_ref[i] = dvn.astype(dvn_ref.dtype)  # [C, BV]
         rdo = read * do_ref[i].astype(f32)
         return (
             decay_ref[i] * ds
-            + _dot(q_ref[i], rdo, dtype, trans_a=True)
+            + _dot(_rows(q_ref[i], rq_ref[i]), rdo, dtype, trans_a=True)
             - _dot(w_ref[i], dvn, dtype, trans_a=True)
         )
 
@@ -108,8 +121,10 @@ def state_bwd_kernel(
 
 
 def dqkw_kernel(
-    q_ref,  # [C, BK] key head n // G, key block
-    k_ref,  # [C, BK]
+    q_ref,  # [C, BK] key head n // G, key block, raw
+    rq_ref,  # [C] its row factors
+    k_ref,  # [C, BK] raw
+    rk_ref,  # [C]
     h_ref,  # [BK, H]
     dh_ref,  # [BK, H]
     vn_ref,  # [C, H]
@@ -126,11 +141,14 @@ def dqkw_kernel(
     dread_ref,  # [C] partial
     dwrite_ref,  # [C] partial
     ddecay_ref,  # [] partial
+    qdq_ref,  # [C] partial: rowsum(q dq) (q normalised): r dr, for q's row factor r
+    kdk_ref,  # [C] partial: rowsum(k dk)
     *,
     dtype,
     block_v: int,
 ):
-    """Every gradient of one chunk but dU, for one key block; value blocks looped over."""
+    """Every gradient of one chunk but dU, for one key block; value blocks looped over. dq and
+    dk are w.r.t. the normalised q and k."""
     f32 = jnp.float32
     c, bk = q_ref.shape
     dp = jnp.zeros((c, c), f32)  # dO Vn^T, masked below
@@ -145,13 +163,16 @@ def dqkw_kernel(
         vndh += _dot(vn, dh, dtype, trans_b=True)
         dvnh += _dot(dvn_ref[:, cols], h, dtype, trans_b=True)
         ddecay += jnp.sum(h.astype(f32) * dh.astype(f32))
-    q, k = q_ref[...], k_ref[...]
+    q, k = _rows(q_ref[...], rq_ref[...]), _rows(k_ref[...], rk_ref[...])  # [C, BK]
     dp = dp * _decay_mask(gam_ref[...].astype(f32), run_ref[...])
     dpk = _dot(dp, k, dtype)  # [C, BK]
     dpq = _dot(dp, q, dtype, trans_a=True)  # [C, BK]
     q32, k32 = q.astype(f32), k.astype(f32)
-    dq_ref[...] = read_ref[...].astype(f32)[:, None] * doh + dpk
-    dk_ref[...] = dpq + write_ref[...].astype(f32)[:, None] * vndh
+    dq = read_ref[...].astype(f32)[:, None] * doh + dpk
+    dk = dpq + write_ref[...].astype(f32)[:, None] * vndh
+    dq_ref[...], dk_ref[...] = dq, dk
+    qdq_ref[...] = jnp.sum(q32 * dq, axis=1)
+    kdk_ref[...] = jnp.sum(k32 * dk, axis=1)
     dw_ref[...] = (-dvnh).astype(dw_ref.dtype)
     dgam_ref[...] = jnp.sum(q32 * dpk, axis=1) - jnp.sum(k32 * dpq, axis=1)
     dread_ref[...] = jnp.sum(q32 * doh, axis=1)
@@ -183,9 +204,10 @@ def _ut_inverse(kk, beta, gam, runs, dtype):
     return tm
 
 
-def ut_kernel(k_ref, v_ref, beta_ref, gam_ref, read_ref, run_ref, u_ref, w_ref, *, dtype):
-    """One chunk of one value head: U = Tm (beta V), W = Tm (beta read K), Tm = (I + A)^-1."""
-    k = k_ref[...]  # [C, E]
+def ut_kernel(k_ref, rk_ref, v_ref, beta_ref, gam_ref, read_ref, run_ref, u_ref, w_ref, *, dtype):
+    """One chunk of one value head: U = Tm (beta V), W = Tm (beta read K), Tm = (I + A)^-1;
+    k raw [C, E], rk [C] its row factors."""
+    k = _rows(k_ref[...], rk_ref[...])  # [C, E]
     beta = beta_ref[...].astype(jnp.float32)  # [C]
     kk = _dot(k, k, dtype, trans_b=True)  # [C, S]
     tm = _ut_inverse(kk, beta, gam_ref[...].astype(jnp.float32), run_ref[...], dtype)
@@ -200,8 +222,8 @@ def _column_blocks(n: int, width: int) -> list[slice]:
 
 
 def ut_bwd_kernel(
-    k_ref, v_ref, beta_ref, gam_ref, read_ref, run_ref, du_ref, dw_ref,  # inputs
-    dk_ref, dv_ref, dbeta_ref, dgam_ref, dread_ref,  # outputs (dk per value head)
+    k_ref, rk_ref, v_ref, beta_ref, gam_ref, read_ref, run_ref, du_ref, dw_ref,  # inputs
+    dk_ref, dv_ref, dbeta_ref, dgam_ref, dread_ref, kdk_ref,  # outputs (dk per value head)
     *, dtype, block: int,
 ):  # fmt: skip
     """Gradients of one chunk's UT transform, Tm recomputed:
@@ -214,15 +236,21 @@ def ut_bwd_kernel(
     [C, C] tiles (Tm, K K^T, D, dTm) only a few [C, block] tiles are live. At C = 64,
     E = H = 128, 8 warps, sm_90, ptxas reported register spills of 440 B a thread with whole
     [C, 128] tiles, 212 B with blocks of 64 and 120 B with blocks of 32 (92 B once dU and dW
-    came in bf16 for bf16 inputs; `benchmarks/gpu_compile.py`); the rest is the inverse's. dXk
-    is recomputed in the last pass (a [C, C] by [C, block] product) rather than kept.
+    came in bf16 for bf16 inputs, 112 B with k's row factors applied here;
+    `benchmarks/gpu_compile.py`); the rest is the inverse's. dXk is recomputed in the last pass
+    (a [C, C] by [C, block] product) rather than kept.
     """
     f32 = jnp.float32
     c, e = k_ref.shape
     beta, gam, read = (r[...].astype(f32) for r in (beta_ref, gam_ref, read_ref))  # [C]
     bread = beta * read
     e_blocks, h_blocks = _column_blocks(e, block), _column_blocks(v_ref.shape[1], block)
-    kk = sum(_dot(k_ref[:, x], k_ref[:, x], dtype, trans_b=True) for x in e_blocks)  # [C, S]
+    rk = rk_ref[...]
+
+    def k_cols(x):  # [C, block] of the normalised k
+        return _rows(k_ref[:, x], rk)
+
+    kk = sum(_dot(k_cols(x), k_cols(x), dtype, trans_b=True) for x in e_blocks)  # [C, S]
     tm = _ut_inverse(kk, beta, gam, run_ref[...], dtype)
     decay = _strict_decay_mask(gam, run_ref[...])
     dtm, dbeta = jnp.zeros((c, c), f32), jnp.zeros((c,), f32)
@@ -234,7 +262,7 @@ def ut_bwd_kernel(
         dtm += _dot(du, beta[:, None] * v32, dtype, trans_b=True)
     k_dxk = jnp.zeros((c,), f32)
     for x in e_blocks:
-        dw, k32 = dw_ref[:, x].astype(f32), k_ref[:, x].astype(f32)
+        dw, k32 = dw_ref[:, x].astype(f32), k_cols(x).astype(f32)
         dtm += _dot(dw, bread[:, None] * k32, dtype, trans_b=True)
         k_dxk += jnp.sum(_dot(tm, dw, dtype, trans_a=True) * k32, axis=1)
     da = -_dot(
@@ -247,6 +275,10 @@ def ut_bwd_kernel(
     dbeta_ref[...] = dbeta + jnp.sum(da_d * kk, axis=1) + read * k_dxk
     dread_ref[...] = beta * k_dxk
     dkk = dkk + dkk.T
+    kdk = jnp.zeros((c,), f32)  # rowsum(k dk), k normalised: rk drk
     for x in e_blocks:
         dxk = _dot(tm, dw_ref[:, x], dtype, trans_a=True)  # [C, block]
-        dk_ref[:, x] = _dot(dkk, k_ref[:, x], dtype) + bread[:, None] * dxk
+        dk = _dot(dkk, k_cols(x), dtype) + bread[:, None] * dxk
+        dk_ref[:, x] = dk
+        kdk += jnp.sum(k_cols(x).astype(f32) * dk, axis=1)
+    kdk_ref[...] = kdk
