@@ -91,7 +91,7 @@ from qwenjax.kernels.gated_delta_rule.pallas_gpu_kernels import (
     ut_bwd_kernel,
     ut_kernel,
 )
-from qwenjax.kernels.gated_delta_rule.reference import L2NORM_EPS, compute_dtype
+from qwenjax.kernels.gated_delta_rule.reference import compute_dtype, inverse_l2_norm
 from qwenjax.kernels.gated_delta_rule.xla import chunk_terms, initial_state_or_zeros
 from qwenjax.kernels.platform import triton_or_interpreted
 
@@ -141,16 +141,10 @@ class _Terms(NamedTuple):
 def _row_factors(q, k, scale: float, use_qk_l2norm: bool):
     """Per token and key head, the factors that make q and k what the rule reads
     (`reference.prepare_qk`): q * scale / |q|, k / |k| ([B, T, K], in the compute dtype)."""
-    dtype = compute_dtype(q, k)
-
-    def inverse_norm(x):
-        x = x.astype(dtype)
-        return jax.lax.rsqrt(jnp.sum(x * x, axis=-1) + L2NORM_EPS)
-
     if not use_qk_l2norm:
-        ones = jnp.ones(q.shape[:-1], dtype)
+        ones = jnp.ones(q.shape[:-1], compute_dtype(q, k))
         return ones * scale, ones
-    return inverse_norm(q) * scale, inverse_norm(k)
+    return inverse_l2_norm(q) * scale, inverse_l2_norm(k)
 
 
 def _row_grads(dx_hat, xdx, x, r):
@@ -358,7 +352,7 @@ def _state_bwd(cfg: _Config, t: _Terms, do: jax.Array, dvl: jax.Array, dsf: jax.
 def _dqkw(cfg: _Config, t: _Terms, h, dh, vn, dvn, do):
     """Parallel over chunks and key blocks: dq, dk (per value head, w.r.t. the normalised q, k),
     dw [B, M, K, G, C, E] and the partials over key blocks of dgam, dread, dwrite, and of the
-    rowsums of raw q dq and k dk [NK, B, M, K, G, C], ddecay [NK, ...]."""
+    rowsums of q dq and k dk (normalised q, k) [NK, B, M, K, G, C], ddecay [NK, ...]."""
     d = _dims(t)
     bk = min(cfg.block_v, d.e)
     nk, f32 = d.e // bk, jnp.float32
@@ -366,28 +360,12 @@ def _dqkw(cfg: _Config, t: _Terms, h, dh, vn, dvn, do):
     per_e = jax.ShapeDtypeStruct(t.w.shape, f32)
     part_vec = jax.ShapeDtypeStruct((nk, *t.gam.shape), f32)
     part_scalar = jax.ShapeDtypeStruct((nk, *t.decay.shape), f32)
+    specs = ("qk", "r", "qk", "r", "h", "h", "uv", "uv", "tok", "vec", "vec", "vec", "runs")
     return _call(
         cfg,
         functools.partial(dqkw_kernel, dtype=jnp.dtype(cfg.operand_dtype), block_v=cfg.block_v),
         (d.b, d.hk * d.grp, d.m, nk),
-        [
-            sp[n]
-            for n in (
-                "qk",
-                "r",
-                "qk",
-                "r",
-                "h",
-                "h",
-                "uv",
-                "uv",
-                "tok",
-                "vec",
-                "vec",
-                "vec",
-                "runs",
-            )
-        ],
+        [sp[n] for n in specs],
         [sp["e"], sp["e"], sp["e"], *[sp["p_vec"]] * 3, sp["p_scalar"], *[sp["p_vec"]] * 2],
         [per_e, per_e, _like(t.w), part_vec, part_vec, part_vec, part_scalar, part_vec, part_vec],
         "gated_delta_rule_dqkw",

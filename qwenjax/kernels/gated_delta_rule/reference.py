@@ -31,10 +31,15 @@ def compute_dtype(*arrays: jax.Array) -> jnp.dtype:
     return jnp.result_type(jnp.float32, *(x.dtype for x in arrays))
 
 
+def inverse_l2_norm(x: jax.Array) -> jax.Array:
+    """1 / |x| over the last axis (eps-guarded), in at least fp32: `[..., d]` -> `[...]`."""
+    x = x.astype(compute_dtype(x))
+    return jax.lax.rsqrt(jnp.sum(x * x, axis=-1) + L2NORM_EPS)
+
+
 def l2_normalize(x: jax.Array) -> jax.Array:
     """Normalises the last axis to unit l2 norm in at least fp32, as FLA's `l2norm` does."""
-    x = x.astype(compute_dtype(x))
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2NORM_EPS)
+    return x.astype(compute_dtype(x)) * inverse_l2_norm(x)[..., None]
 
 
 def prepare_qk(
