@@ -10,7 +10,9 @@ it once and write it once, so `2 * state bytes / copy bandwidth` is the floor a 
 could reach; this script measures how far the jnp step (`gated_delta_step`, the state donated so
 it updates in place) is from that floor, beside the literal order of the equations (four reads,
 two writes: the baseline the current arrangement replaced). For `--tokens` T > 1 (speculative
-verification of T - 1 drafts) the jnp path is the token-serial scan, timed per call.
+verification of T - 1 drafts) the jnp path is the token-serial scan, timed per call. "jnp in
+stack" is what the model runs: the state as a layer of the stacked states, read twice and
+written once for all T tokens (`delta_rule_steps_by_sums`, up to 8 tokens).
 
 On a GPU or TPU the platform's Pallas decode kernel (`gated_delta_decode`, backend
 "pallas_gpu" / "pallas_tpu": the state read once and written once for all T tokens) is timed in
@@ -53,15 +55,22 @@ def literal_step(q, k, v, g, beta, state):
     return o.reshape(b, HV, D), s.reshape(state.shape)
 
 
-def decode_path(backend: str, block_v: int | None = None):
+def decode_path(backend: str, block_v: int | None = None, in_stack: bool = False):
     """`gated_delta_decode` on `backend` for `[B, ...]` one token or `[B, T, ...]` tokens;
-    with `block_v`, the Pallas GPU kernel called directly at that value block."""
+    with `block_v`, the Pallas GPU kernel called directly at that value block; `in_stack`: the
+    state as layer 0 of a stack, as the model's scan passes it (the jnp path then works on the
+    layer where it lies, `delta_rule_steps_by_sums`)."""
 
     def fn(q, k, v, g, beta, state):
         one = q.ndim == 3
         if one:
             q, k, v, g, beta = (x[:, None] for x in (q, k, v, g, beta))
-        if block_v is None:
+        if in_stack:
+            o, stack = gated_delta_decode(
+                q, k, v, g, beta, state[None], use_qk_l2norm=False, layer=0, backend=backend
+            )
+            state = stack[0]
+        elif block_v is None:
             o, state = gated_delta_decode(
                 q, k, v, g, beta, state, use_qk_l2norm=False, backend=backend
             )
@@ -77,6 +86,7 @@ def decode_path(backend: str, block_v: int | None = None):
 
 
 jnp_path = decode_path("xla")  # the step for one token, the token-serial scan for more
+jnp_in_stack = decode_path("xla", in_stack=True)  # the model's default decode
 
 
 def check(fn, xs, state) -> float:
@@ -144,7 +154,7 @@ def main() -> None:
         for tokens in args.tokens:
             xs, state = inputs(batch, tokens, jnp.dtype(args.dtype))
             floor_bytes = 2 * state.nbytes  # read once, write once, per call
-            impls = {"jnp": jnp_path}
+            impls = {"jnp": jnp_path, "jnp in stack": jnp_in_stack}
             if tokens == 1:
                 impls["literal order"] = literal_step
             for name, fn in kernels.items():

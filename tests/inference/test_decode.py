@@ -31,6 +31,7 @@ from qwenjax.inference.engine import (
 from qwenjax.inference.sampling import SamplingParams
 from qwenjax.kernels import choice
 from qwenjax.kernels.attention import auto_backend
+from qwenjax.kernels.gated_delta_rule import api as gdn_api
 from qwenjax.model.cache import DeltaNetCache, init_cache
 from tests.conftest import rel_err
 
@@ -53,10 +54,20 @@ def full_logits(model, ids) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------- cached forward
-def test_prefill_decode_and_verify_logits_equal_full_forward(text_model):
+@pytest.mark.parametrize("in_stack", [False, True])
+def test_prefill_decode_and_verify_logits_equal_full_forward(text_model, in_stack, monkeypatch):
     """Right-padded prefill (chunked path for the 70-token row), one-token decode steps (the
-    single-token GDN step) and a 3-token extension (token-serial path), against full forwards."""
+    single-token GDN step) and a 3-token extension (token-serial path), against full forwards.
+    `in_stack`: the GDN decode works on each layer's state inside the stack, as on TPU and GPU
+    (`delta_rule_steps_by_sums`), here on CPU too."""
     _, _, model = text_model
+    traced = []
+    if in_stack:
+        monkeypatch.setattr(gdn_api, "STEPS_IN_STACK_PLATFORMS", ("cpu",))
+        real = gdn_api._steps_in_stack
+        monkeypatch.setattr(
+            gdn_api, "_steps_in_stack", lambda *a, **o: traced.append(1) or real(*a, **o)
+        )
     v = model.config.vocab_size
     lengths = [70, 9, 33]
     rows = prompts_of([n + 6 for n in lengths], v, seed=11)
@@ -81,6 +92,7 @@ def test_prefill_decode_and_verify_logits_equal_full_forward(text_model):
         assert ours.shape[0] == lengths[b] + 6
         err = rel_err(ours, full_logits(model, rows[b]))
         assert err < TOL, (b, err)
+    assert bool(traced) == in_stack  # (not a program cached from the other case)
 
 
 def test_commit_keeps_exactly_the_accepted_tokens(text_model):

@@ -10,6 +10,8 @@ bf16 values, and padding tokens (g = beta = 0) that must leave the state as it i
 vs the float64 NumPy oracle: <= 1e-5 (measured ~2e-7).
 """
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +30,9 @@ from tests.scheduler_cases import SCHEDULER, assert_scheduler_gives, mesh_model,
 from tests.tpu_aot import compile_report, cuda_plugin_path, needs_cuda_plugin, needs_libtpu
 
 TOL = 1e-5
-BACKENDS = ["xla", "pallas_gpu", "pallas_tpu", "tpu_interpreter"]
+# "xla_stack": the jnp decode of one layer's state inside a stack, worked on where it lies
+# (`delta_rule_steps_by_sums`), the model's decode path by default.
+BACKENDS = ["xla", "xla_stack", "pallas_gpu", "pallas_tpu", "tpu_interpreter"]
 
 
 def make_inputs(seed: int, b: int, t: int, e: int, h: int, l2norm: bool = True) -> dict:
@@ -40,7 +44,8 @@ def make_inputs(seed: int, b: int, t: int, e: int, h: int, l2norm: bool = True) 
 
 def decode(name: str, x: dict, **options):
     """`gated_delta_decode` on backend `name` ("tpu_interpreter": the TPU kernel on the TPU
-    interpreter, NaN-filled VMEM and bounds checks), jitted with the state donated."""
+    interpreter, NaN-filled VMEM and bounds checks; "xla_stack": the state as layer 1 of a
+    stack whose layer 0 is NaN), jitted with the state donated."""
     if name == "tpu_interpreter":
 
         def fn(q, k, v, g, beta, state):
@@ -51,10 +56,24 @@ def decode(name: str, x: dict, **options):
                 q, k, v, g, beta, state[None], 0, interpret=True
             )
             return o, stack[0]
+    elif name == "xla_stack":
+
+        def fn(q, k, v, g, beta, state):
+            stack = jnp.stack([jnp.full_like(state, jnp.nan), state])
+            o, stack = gated_delta_decode(
+                q, k, v, g, beta, stack, layer=1, backend="xla", **options
+            )
+            return o, stack[1]
     else:
         fn = lambda *a: gated_delta_decode(*a, backend=name, **options)
     args = [jnp.asarray(x[n]) for n in ("q", "k", "v", "g", "beta")] + [jnp.array(x["state"])]
-    return jax.jit(fn, donate_argnums=5)(*args)
+    with in_stack_on_cpu():
+        return jax.jit(fn, donate_argnums=5)(*args)
+
+
+def in_stack_on_cpu():
+    """The in-stack form of the jnp decode (TPU and GPU only) also on CPU, at trace time."""
+    return mock.patch.object(gdn_api, "STEPS_IN_STACK_PLATFORMS", ("cpu",))
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -116,6 +135,27 @@ def test_a_layer_of_a_stack_advances_in_place(name):
     np.testing.assert_array_equal(np.asarray(new)[[0, 1, 3]], stack[[0, 1, 3]])
     with pytest.raises(ValueError, match=r"state must have shape \(4, 3, 6, 16, 32\)"):
         gated_delta_decode(*args, jnp.asarray(stack[:, :, :5]), layer=0, backend=name)
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_stacked_jnp_decode_on_either_side_of_its_token_limit(extra):
+    """Up to `STEPS_IN_STACK_MAX_TOKENS` tokens the in-stack jnp decode unrolls its closed form
+    (no loop); one more runs the token-serial scan on a copy of the layer's state. Both match
+    the oracle. On CPU, by default, the copy at any T (the in-stack form was slower there)."""
+    t = gdn_api.STEPS_IN_STACK_MAX_TOKENS + extra
+    x = make_inputs(21 + extra, 2, t, 16, 16)
+    x["g"][1, t - 2 :] = x["beta"][1, t - 2 :] = 0.0  # padding
+    out, state = decode("xla_stack", x)
+    want_out, want_state = gated_delta_rule_oracle(
+        x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["state"]
+    )
+    assert rel_err(out, want_out) <= TOL and rel_err(state, want_state) <= TOL
+    args = [jnp.asarray(x[n]) for n in ("q", "k", "v", "g", "beta")] + [x["state"][None]]
+    fresh = lambda: lambda *a: gated_delta_decode(*a, layer=0)  # a new function: a new trace
+    loops = lambda: " while(" in jax.jit(fresh()).lower(*args).compile().as_text()
+    with in_stack_on_cpu():
+        assert loops() == bool(extra)
+    assert loops()
 
 
 def _has_pallas_call(fn, *args) -> bool:

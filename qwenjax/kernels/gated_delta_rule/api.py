@@ -12,9 +12,12 @@ and `xla.py` for the chunked form. Shapes are checked here, once, with errors na
 """
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from qwenjax.kernels.gated_delta_rule import decode_pallas_gpu, decode_pallas_tpu
 from qwenjax.kernels.gated_delta_rule.pallas_gpu import gated_delta_rule_pallas_gpu
@@ -22,6 +25,7 @@ from qwenjax.kernels.gated_delta_rule.pallas_tpu import gated_delta_rule_pallas_
 from qwenjax.kernels.gated_delta_rule.reference import (
     compute_dtype,
     delta_rule_step,
+    delta_rule_steps_by_sums,
     gated_delta_rule_reference,
     prepare_qk,
 )
@@ -49,6 +53,17 @@ _pins = PinStack()
 # platform's decode kernel too; unpinned, "auto" keeps "xla" until the kernels are timed on a
 # device (`benchmarks/decode_step.py`).
 DECODE_BACKENDS = ("xla", "pallas_gpu", "pallas_tpu")
+# The "xla" decode of one layer of the stacked states (the model's scan passes them): on TPU
+# and GPU, up to STEPS_IN_STACK_MAX_TOKENS tokens, it works on the layer where it lies, reading
+# it twice and writing it once (`delta_rule_steps_by_sums`: O(T^2) small vector terms). On a
+# v5p / H100, as compiled at the 27B geometry (32 rows), that drops a 96 MiB copy of the
+# layer's state per layer and step (on the H100, a transpose), and at T = 3 the token-serial
+# scan's further state traffic. Elsewhere (CPU), and for more tokens, the layer's state is
+# copied out and advanced by `gated_delta_step` or the token-serial scan: XLA:CPU's sums over
+# a non-minor axis made the in-stack form 2.4-14x slower there (benchmarks/results/
+# 2026-11-27T1220Z_cpu-in-stack-forced_decode_step.md). Neither is timed on a TPU or GPU yet.
+STEPS_IN_STACK_MAX_TOKENS = 8
+STEPS_IN_STACK_PLATFORMS = ("tpu", "cuda", "rocm")
 
 
 @contextlib.contextmanager
@@ -218,6 +233,44 @@ def gated_delta_step(
     return out.reshape(b, hv, dv).astype(v.dtype), state.reshape(b, hv, dk, dv)
 
 
+def _steps_on_a_copy(q, k, v, g, beta, state, layer, *, scale, use_qk_l2norm):
+    # The state (with `layer`: a copy of that layer's) advanced by `gated_delta_step` for one
+    # token, by the token-serial scan for more; then written back into the stack.
+    one = state if layer is None else jax.lax.dynamic_index_in_dim(state, layer, 0, False)
+    if q.shape[1] == 1:
+        token = (x[:, 0] for x in (q, k, v, g, beta))
+        o, one = gated_delta_step(*token, one, scale=scale, use_qk_l2norm=use_qk_l2norm)
+        o = o[:, None]
+    else:
+        o, one = gated_delta_rule_reference(
+            q, k, v, g, beta, scale=scale, initial_state=one, use_qk_l2norm=use_qk_l2norm
+        )
+    if layer is None:
+        return o, one
+    return o, jax.lax.dynamic_update_index_in_dim(state, one.astype(state.dtype), layer, 0)
+
+
+def _steps_in_stack(q, k, v, g, beta, stack, layer, *, scale, use_qk_l2norm):
+    # `stack[layer]` ([L, B, N, E, H]) advanced where it lies, read twice and written once:
+    # the slice keeps its leading 1 and its value heads ungrouped (q and k repeated to them),
+    # because a reshape between the slice and its readers makes XLA copy it out (see
+    # `delta_rule_steps_by_sums`).
+    grp = v.shape[2] // q.shape[2]
+    dtype = compute_dtype(q, k, v, stack)
+    q, k = prepare_qk(q, k, scale, use_qk_l2norm)  # [B, T, K, E]
+    q, k = (jnp.repeat(x, grp, axis=2) for x in (q, k))  # [B, T, N, E]
+    tokens_first = lambda x: jnp.moveaxis(x.astype(dtype), 1, 0)[:, None]  # [T, 1, B, N, ...]
+    # The slice and its update pinned row-major, the stack's layout outside the step: XLA:GPU
+    # otherwise lays the carried stack out E-minor for the sums, transposing every layer's
+    # states into that layout and back each step. (Not the stack itself: a pinned jit output
+    # cannot take a donated buffer's place. Under a mesh this runs inside `shard_map`.)
+    pin = lambda x: with_layout_constraint(x, Layout(tuple(range(x.ndim))))
+    one = pin(jax.lax.dynamic_slice_in_dim(stack, layer, 1, 0)).astype(dtype)  # [1, B, N, E, H]
+    o, one = delta_rule_steps_by_sums(one, *map(tokens_first, (q, k, v, g, beta)))
+    stack = jax.lax.dynamic_update_slice_in_dim(stack, pin(one.astype(stack.dtype)), layer, 0)
+    return jnp.moveaxis(o[:, 0], 0, 1).astype(v.dtype), stack  # [B, T, N, H]
+
+
 def gated_delta_decode(
     q: jax.Array,
     k: jax.Array,
@@ -272,18 +325,13 @@ def gated_delta_decode(
         if backend == "pallas_gpu" and not decode_pallas_gpu.supports(dk, dv):
             backend = "xla"
     if backend == "xla":
-        one = state if layer is None else jax.lax.dynamic_index_in_dim(state, layer, 0, False)
-        if t == 1:
-            token = (x[:, 0] for x in (q, k, v, g, beta))
-            o, one = gated_delta_step(*token, one, scale=scale, use_qk_l2norm=use_qk_l2norm)
-            o = o[:, None]
-        else:
-            o, one = gated_delta_rule_reference(
-                q, k, v, g, beta, scale=scale, initial_state=one, use_qk_l2norm=use_qk_l2norm
-            )
-        if layer is None:
-            return o, one
-        return o, jax.lax.dynamic_update_index_in_dim(state, one.astype(state.dtype), layer, 0)
+        args = (q, k, v, g, beta, state, layer)
+        on_a_copy = functools.partial(_steps_on_a_copy, scale=scale, use_qk_l2norm=use_qk_l2norm)
+        if layer is None or t > STEPS_IN_STACK_MAX_TOKENS:
+            return on_a_copy(*args)
+        in_stack = functools.partial(_steps_in_stack, scale=scale, use_qk_l2norm=use_qk_l2norm)
+        branches = {platform: in_stack for platform in STEPS_IN_STACK_PLATFORMS}
+        return jax.lax.platform_dependent(*args, default=on_a_copy, **branches)
     q, k = prepare_qk(q, k, scale, use_qk_l2norm)
     kernel = {
         "pallas_gpu": decode_pallas_gpu.gated_delta_decode_pallas_gpu,

@@ -86,6 +86,53 @@ def delta_rule_step(
     return o, state
 
 
+def delta_rule_steps_by_sums(state: jax.Array, *tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A few recurrent steps (decoding, draft verification) that read the state twice and
+    write it once in all, with no dot on it; inputs upcast, q already normalised and scaled.
+
+    Args:
+      state: [..., E, H] state before the first token (any leading dims, e.g. [1, B, N]).
+      tokens: q, k [T, ..., E] (one query and key per value head), v [T, ..., H], g and beta
+        [T, ...].
+
+    Returns:
+      (o [T, ..., H], state after the last token [..., E, H]).
+
+    With c_t = sum_{s<=t} g_s, the tokens' corrections d_t (what `delta_rule_step` adds) are
+      d_t = beta_t (v_t - e^{c_t} S^T k_t - sum_{s<t} e^{c_t - c_s} (k_t . k_s) d_s),
+      o_t = e^{c_t} S^T q_t + sum_{s<=t} e^{c_t - c_s} (q_t . k_s) d_s,
+      S'  = e^{c_T} S + sum_s e^{c_T - c_s} k_s (x) d_s:
+    S enters only through the sums S^T k_t, S^T q_t and the final update. They are elementwise
+    products summed over E because XLA:TPU fuses a slice of the layers' stacked states into
+    such sums (and into the in-place update) but not into a dot, whose operand it copies out
+    first (96 MiB per layer and step at 32 rows of the 27B); one sum per vector, since
+    broadcasting the state against a stack of them made XLA reshape, so copy, the slice.
+    O(T^2) small vector terms: for short T only.
+    """
+    q, k, v, g, beta = tokens
+    t_len = q.shape[0]
+    c = jnp.cumsum(g, axis=0)  # [T, ...]
+    decay = lambda t, s: jnp.exp(c[t] - c[s])[..., None]  # [..., 1]
+    dot = lambda x, y: jnp.sum(x * y, axis=-1)[..., None]  # [..., 1]
+    sk = [jnp.sum(state * k[t][..., None], axis=-2) for t in range(t_len)]  # [..., H]
+    sq = [jnp.sum(state * q[t][..., None], axis=-2) for t in range(t_len)]
+    d, o = [], []
+    for t in range(t_len):
+        r = v[t] - jnp.exp(c[t])[..., None] * sk[t]
+        for s in range(t):
+            r = r - decay(t, s) * dot(k[t], k[s]) * d[s]
+        d.append(beta[t][..., None] * r)
+        o_t = jnp.exp(c[t])[..., None] * sq[t]
+        for s in range(t + 1):
+            o_t = o_t + decay(t, s) * dot(q[t], k[s]) * d[s]
+        o.append(o_t)
+    last = t_len - 1
+    state = jnp.exp(c[last])[..., None, None] * state
+    for s in range(t_len):
+        state = state + (decay(last, s) * k[s])[..., :, None] * d[s][..., None, :]
+    return jnp.stack(o), state
+
+
 def gated_delta_rule_reference(
     q: jax.Array,
     k: jax.Array,
