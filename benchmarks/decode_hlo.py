@@ -4,11 +4,14 @@ this CPU.
     python -m benchmarks.decode_hlo --target h100            # 27B geometry, 2 super-blocks
     python -m benchmarks.decode_hlo --target v5p:2x2x1 --kernels auto gdn=pallas_tpu
     python -m benchmarks.decode_hlo --target v5p:2x2x1 --tensor 4   # heads over 4 chips
+    python -m benchmarks.decode_hlo --target v5p:2x2x1 --tokens 3 --verify   # the MTP step
 
 A script, not a test, and not a timing: it compiles `model.extend` (one decode step, or a
-verification of T - 1 drafts) for 32 rows with the cache donated, as the engine and the serving
-scheduler run it, and lists every instruction of the compiled program (outside fusions' bodies)
-whose result is at least `--min-mib`: copies of weights or caches, transposes, slices, updates.
+verification of T - 1 drafts; with `--verify`, also the commit of the kept drafts after it, as
+MTP speculative decoding runs them) for 32 rows with the cache donated, as the engine and the
+serving scheduler run it, and lists every instruction of the compiled program (outside fusions'
+bodies) whose result is at least `--min-mib`: copies of weights or caches, transposes, slices,
+updates.
 Each is a write of that many bytes (and usually a read as large), so beside the weights and the
 rows' own cache entries, they are the step's avoidable memory traffic. Also reported: XLA's
 temporaries, against the bytes of the whole cache.
@@ -39,6 +42,7 @@ from jax.sharding import NamedSharding
 import qwenjax
 from benchmarks.common import utc_stamp, write_results
 from qwenjax import sharding as ax
+from qwenjax.inference import engine
 from qwenjax.kernels.choice import kernel_flags
 from qwenjax.model.cache import init_cache, logical_axes
 
@@ -121,10 +125,13 @@ def compile_decode(
     kernels: str,
     min_mib: float = 64,
     tensor: int = 1,
+    commit: bool = False,
 ) -> dict:
     """Compiles one `extend` of `tokens` tokens for `target` (with `tensor` > 1: for that many
-    of its devices, heads split over them); returns temporaries (per device), cache and weight
-    bytes (all devices) and the writes of at least `min_mib`."""
+    of its devices, heads split over them; with `commit`, a speculative verification and the
+    `commit` of each row's kept tokens after it, as the MTP step runs them); returns
+    temporaries (per device), cache and weight bytes (all devices) and the writes of at least
+    `min_mib`."""
     devices = devices_for(target)
     if tensor > len(devices):
         raise ValueError(f"--tensor {tensor}: {target} has {len(devices)} device(s)")
@@ -134,10 +141,13 @@ def compile_decode(
     graphdef, params = nnx.split(qwenjax.build(config, dtype=jnp.bfloat16, abstract=True))
     cache = jax.eval_shape(lambda: init_cache(config, batch, max_length, jnp.bfloat16))
     ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
+    keep = jax.ShapeDtypeStruct((batch,), jnp.int32)
     place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     if tensor == 1:
         on_device = jax.sharding.SingleDeviceSharding(devices[0])
-        params, cache, ids = jax.tree.map(lambda x: place(x, on_device), (params, cache, ids))
+        params, cache, ids, keep = jax.tree.map(
+            lambda x: place(x, on_device), (params, cache, ids, keep)
+        )
         rules = contextlib.nullcontext
     else:
         mesh = ax.make_mesh(ax.MeshConfig(fsdp=1, tensor=tensor), devices[:tensor])
@@ -145,12 +155,14 @@ def compile_decode(
         by_name = lambda x, names: place(x, NamedSharding(mesh, ax.spec(names, ax.FSDP_TP_RULES)))
         cache = jax.tree.map(by_name, cache, logical_axes(cache))  # (as the engine constrains it)
         ids = by_name(ids, (ax.BATCH, None))
+        keep = by_name(keep, (ax.BATCH,))
         rules = lambda: ax.use_rules(mesh, ax.FSDP_TP_RULES)
 
-    def step(params, cache, ids):
+    def step(params, cache, ids, keep):
         with rules():
-            hidden, cache, _ = nnx.merge(graphdef, params).extend(ids, cache)
-        return hidden, cache
+            model = nnx.merge(graphdef, params)
+            hidden, new, pending = model.extend(ids, cache, keep_pending=commit)
+            return hidden, engine.commit(cache, new, pending, keep) if commit else new
 
     flags = {
         f"{k}_kernel": v for k, _, v in (p.partition("=") for p in kernels.split(",") if "=" in p)
@@ -158,8 +170,8 @@ def compile_decode(
     platform = devices[0].platform if target == "local" else "gpu" if target == "h100" else "tpu"
     choice = kernel_flags(types.SimpleNamespace(**flags), platform)
     with choice.pinned() if kernels != "auto" else contextlib.nullcontext():
-        jitted = jax.jit(lambda p, c, i: step(p, c, i), donate_argnums=1)  # a fresh trace
-        compiled = jitted.lower(params, cache, ids).compile()
+        jitted = jax.jit(lambda *a: step(*a), donate_argnums=1)  # a fresh trace
+        compiled = jitted.lower(params, cache, ids, keep).compile()
     memory = compiled.memory_analysis()
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
     return {
@@ -170,6 +182,7 @@ def compile_decode(
         "tokens": tokens,
         "kernels": kernels,
         "tensor": tensor,
+        "commit": commit,
         "temp_mib": memory.temp_size_in_bytes / 2**20,
         "cache_mib": nbytes(cache) / 2**20,
         "weight_mib": nbytes(params) / 2**20,
@@ -190,6 +203,8 @@ def main() -> None:
                    help="auto, or attention=NAME,gdn=NAME (the CLI's kernel flags)")  # fmt: skip
     p.add_argument("--min-mib", type=float, default=64)
     p.add_argument("--tensor", type=int, default=1, help="chips of a TPU topology, heads split")
+    p.add_argument("--verify", action="store_true",
+                   help="T > 1: verification and the commit of the kept drafts (MTP)")  # fmt: skip
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     stamp, rows = utc_stamp(), []
@@ -200,6 +215,7 @@ def main() -> None:
             report = compile_decode(
                 args.target, blocks=args.blocks, batch=args.batch, max_length=args.max_length,
                 tokens=tokens, kernels=kernels, min_mib=args.min_mib, tensor=args.tensor,
+                commit=args.verify and tokens > 1,
             )  # fmt: skip
             rows.append(report)
             print(json.dumps({k: v for k, v in report.items() if k != "large_writes"}), flush=True)
@@ -216,7 +232,8 @@ def main() -> None:
     for r in rows:
         lines += [
             "",
-            f"## T = {r['tokens']}, kernels: {r['kernels']}",
+            f"## T = {r['tokens']}{' verified and committed' if r['commit'] else ''}, "
+            f"kernels: {r['kernels']}",
             "",
             f"Temporaries {r['temp_mib']:.0f} MiB; the whole cache is {r['cache_mib']:.0f} MiB, "
             f"the weights {r['weight_mib']:.0f} MiB.",

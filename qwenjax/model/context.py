@@ -20,6 +20,9 @@ class Context:
     num_valid: `[B]` when extending a cache: the first `num_valid[b]` tokens of row b are real and
       go into its state; the rest (padding, drafts awaiting verification) leave the GDN and conv
       states untouched. token_index is then each token's cache slot.
+    defer_gdn_state: (static) the extend call is a speculative verification whose GDN states
+      `commit` computes afterwards for the kept tokens: the GDN layers only read their states
+      for the outputs and return them as they were (see `Qwen35.extend(keep_pending=True)`).
     """
 
     cos: jax.Array
@@ -27,6 +30,7 @@ class Context:
     token_index: jax.Array
     segment_ids: jax.Array
     num_valid: jax.Array | None = None
+    defer_gdn_state: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def valid(self) -> jax.Array:

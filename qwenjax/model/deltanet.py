@@ -12,6 +12,7 @@ Letters: K key heads, N value heads, E key dim, H value dim, C conv channels, W 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,11 @@ class GatedDeltaNet(nnx.Module):
         mc, _ = causal_conv1d(m, self.conv1d[...].astype(self.dtype), state=cache.conv)
         q, k, v = self._split(mc)
         pending = DeltaNetPending(m=m, k=k, v=v, g=g, beta=beta)
+        if ctx.defer_gdn_state:  # verification: `commit` advances the states
+            # On the jnp path, whose unused state update XLA drops: a decode kernel would write
+            # the state in place, and XLA would copy the whole stack to keep the old one.
+            o, _ = _advance(q, pending, cache, ctx.valid, layer, backend="xla")
+            return self._out(o, z, x.dtype), cache, pending
         o, state = _advance(q, pending, cache, ctx.valid, layer)
         new = DeltaNetCache(
             conv=ax.constrain(_advance_conv(cache.conv, m, ctx.num_valid), CONV_STATE),
@@ -180,11 +186,13 @@ def _rule(q, k, v, g, beta, segment_ids) -> tuple[jax.Array, jax.Array]:
     return ax.shard_kernel(fn, args, (qk, qk, vn, gn, gn, (ax.BATCH, time)), (vn, STATE))
 
 
-def _rule_from(q, k, v, g, beta, state, layer=None) -> tuple[jax.Array, jax.Array]:
+def _rule_from(
+    q, k, v, g, beta, state, layer=None, *, backend: str = "auto"
+) -> tuple[jax.Array, jax.Array]:
     # Decoding and draft verification advance the state token by token, not in padded chunks
     # (or in one kernel that reads the state once); a prompt runs in chunks.
     if q.shape[1] < CHUNKED_MIN_TOKENS:
-        return gated_delta_decode(q, k, v, g, beta, state, layer=layer)
+        return gated_delta_decode(q, k, v, g, beta, state, layer=layer, backend=backend)
     if layer is None:
         return gated_delta_rule(q, k, v, g, beta, initial_state=state)
     one = jax.lax.dynamic_index_in_dim(state, layer, 0, keepdims=False)
@@ -198,17 +206,20 @@ def _advance(
     cache: DeltaNetCache,
     valid: jax.Array,
     layer: jax.Array | None = None,
+    backend: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """Outputs `[B, T, N, H]` and the state after each row's valid tokens; with `layer`,
-    `cache.state` is the stacked states of the scanned blocks and `state[layer]` advances."""
+    `cache.state` is the stacked states of the scanned blocks and `state[layer]` advances.
+    `backend`: of `gated_delta_decode`, for short T."""
     g = jnp.where(valid[..., None], p.g, 0.0)
     beta = jnp.where(valid[..., None], p.beta, 0.0)
     args = (q, p.k, p.v, g, beta, cache.state)
+    rule = functools.partial(_rule_from, backend=backend)
     if layer is None:
-        return ax.shard_kernel(_rule_from, args, (QK, QK, V, G, G, STATE), (V, STATE))
+        return ax.shard_kernel(rule, args, (QK, QK, V, G, G, STATE), (V, STATE))
     stacked = (ax.LAYERS, *STATE)  # [L, B, N, E, H]
     names = (QK, QK, V, G, G, stacked, ())
-    return ax.shard_kernel(_rule_from, (*args, layer), names, (V, stacked))
+    return ax.shard_kernel(rule, (*args, layer), names, (V, stacked))
 
 
 def _advance_conv(conv: jax.Array, m: jax.Array, num_valid: jax.Array) -> jax.Array:

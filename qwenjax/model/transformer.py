@@ -229,7 +229,10 @@ class Qwen35(nnx.Module):
 
         Returns:
           (final-normed hidden `[B, T, D]`, the new cache, and with `keep_pending` the GDN
-          inputs `commit` needs to keep fewer tokens — else None).
+          inputs `commit` needs to keep fewer tokens — else None). With `keep_pending` (a
+          speculative verification) the new cache's GDN and conv states are the old ones: the
+          layers only read their states for the outputs, and `commit` advances them by the
+          kept tokens (each state is then read for the outputs and advanced once, in place).
         """
         positions = cache.next_positions(input_ids.shape[1])
         ctx = self.cache_context(input_ids, cache.length, num_valid, positions)
@@ -241,6 +244,7 @@ class Qwen35(nnx.Module):
         """`extend` from input embeddings `x [B, T, D]` and a `cache_context` (e.g. with the
         vision tower's tokens in `x` and 3-D positions in `ctx`)."""
         graphdef, state = nnx.split(self.blocks)
+        ctx = dataclasses.replace(ctx, defer_gdn_state=keep_pending)
 
         # The stacked cache rides in the carry: as scanned inputs with stacked outputs, XLA kept
         # a second whole cache beside the donated one and copied it out after the loop, every

@@ -31,9 +31,9 @@ from qwenjax.inference.engine import (
 from qwenjax.inference.sampling import SamplingParams
 from qwenjax.kernels import choice
 from qwenjax.kernels.attention import auto_backend
-from qwenjax.kernels.gated_delta_rule import api as gdn_api
 from qwenjax.model.cache import DeltaNetCache, init_cache
 from tests.conftest import rel_err
+from tests.kernels.gdn_cases import force_in_stack
 
 TOL = 1e-4
 
@@ -61,13 +61,7 @@ def test_prefill_decode_and_verify_logits_equal_full_forward(text_model, in_stac
     `in_stack`: the GDN decode works on each layer's state inside the stack, as on TPU and GPU
     (`delta_rule_steps_by_sums`), here on CPU too."""
     _, _, model = text_model
-    traced = []
-    if in_stack:
-        monkeypatch.setattr(gdn_api, "STEPS_IN_STACK_PLATFORMS", ("cpu",))
-        real = gdn_api._steps_in_stack
-        monkeypatch.setattr(
-            gdn_api, "_steps_in_stack", lambda *a, **o: traced.append(1) or real(*a, **o)
-        )
+    traced = force_in_stack(monkeypatch) if in_stack else []
     v = model.config.vocab_size
     lengths = [70, 9, 33]
     rows = prompts_of([n + 6 for n in lengths], v, seed=11)

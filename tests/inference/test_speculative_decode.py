@@ -25,6 +25,7 @@ from qwenjax.inference.sampling import SamplingParams
 from qwenjax.model.cache import init_cache
 from tests.conftest import rel_err
 from tests.inference.test_decode import TOL, prompts_of
+from tests.kernels.gdn_cases import force_in_stack
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +58,17 @@ def test_speculative_greedy_equals_plain_greedy(text_model):
     np.testing.assert_array_equal(spec, plain)
 
 
-def test_speculative_rollback_with_partly_right_drafts(text_model, monkeypatch):
+@pytest.mark.parametrize("in_stack", [False, True])
+def test_speculative_rollback_with_partly_right_drafts(text_model, monkeypatch, in_stack):
     """Drafts from an oracle (the plain greedy output) with planted mistakes: every acceptance
-    count from 0 to k happens, and the output still equals plain greedy decoding."""
+    count from 0 to k happens, and the output still equals plain greedy decoding. `in_stack`:
+    the GDN decode in its TPU/GPU form (verification only reads the states, `commit` advances
+    them in closed form), on CPU too, against plain greedy decoding in the CPU form."""
     _, _, model = text_model
     prompts = prompts_of([13, 40, 4, 25], model.config.vocab_size, seed=23)
     n, k = 18, 3
     plain = jnp.asarray(generate(model, prompts, n + k + 2))
+    traced = force_in_stack(monkeypatch) if in_stack else []
     real_draft = engine_mod._draft
     seen = []
 
@@ -88,6 +93,7 @@ def test_speculative_rollback_with_partly_right_drafts(text_model, monkeypatch):
     )
     jax.clear_caches()
     assert seen, "the oracle drafter was not traced"
+    assert bool(traced) == in_stack
     np.testing.assert_array_equal(out.tokens, np.asarray(plain)[:, :n])
     # Mistakes at positions 0..k in turn: mean accepted = (0 + 1 + 2 + 3) / 4 per 3 drafted.
     assert 0.3 < out.acceptance_rate < 0.7, out.acceptance_rate

@@ -46,3 +46,15 @@ def make_inputs(
         "beta": rng.uniform(0.05, 0.95, (batch, seq_len, HV)).astype(np.float32),
         "initial_state": rng.standard_normal((batch, HV, dk, dv)).astype(np.float32),
     }
+
+
+def force_in_stack(monkeypatch) -> list:
+    """Makes the jnp GDN decode take its in-stack form (`delta_rule_steps_by_sums`, chosen on
+    TPU and GPU) on CPU too, from the next trace on; returns a list that gains an entry each
+    time that form is traced, so a test can tell it ran (not a program cached without it)."""
+    from qwenjax.kernels.gated_delta_rule import api
+
+    traced, real = [], api._steps_in_stack
+    monkeypatch.setattr(api, "STEPS_IN_STACK_PLATFORMS", ("cpu",))
+    monkeypatch.setattr(api, "_steps_in_stack", lambda *a, **o: traced.append(1) or real(*a, **o))
+    return traced

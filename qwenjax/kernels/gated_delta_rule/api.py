@@ -53,15 +53,17 @@ _pins = PinStack()
 # platform's decode kernel too; unpinned, "auto" keeps "xla" until the kernels are timed on a
 # device (`benchmarks/decode_step.py`).
 DECODE_BACKENDS = ("xla", "pallas_gpu", "pallas_tpu")
-# The "xla" decode of one layer of the stacked states (the model's scan passes them): on TPU
-# and GPU, up to STEPS_IN_STACK_MAX_TOKENS tokens, it works on the layer where it lies, reading
-# it twice and writing it once (`delta_rule_steps_by_sums`: O(T^2) small vector terms). On a
-# v5p / H100, as compiled at the 27B geometry (32 rows), that drops a 96 MiB copy of the
-# layer's state per layer and step (on the H100, a transpose), and at T = 3 the token-serial
-# scan's further state traffic. Elsewhere (CPU), and for more tokens, the layer's state is
-# copied out and advanced by `gated_delta_step` or the token-serial scan: XLA:CPU's sums over
-# a non-minor axis made the in-stack form 2.4-14x slower there (benchmarks/results/
-# 2026-11-27T1220Z_cpu-in-stack-forced_decode_step.md). Neither is timed on a TPU or GPU yet.
+# The "xla" decode of one layer of the stacked states (the model's scan passes them), or of a
+# lone state (`commit` after a verification, over all layers at once): on TPU and GPU, up to
+# STEPS_IN_STACK_MAX_TOKENS tokens, it works on the state where it lies, reading it twice and
+# writing it once (`delta_rule_steps_by_sums`: O(T^2) small vector terms). On a v5p / H100, as
+# compiled at the 27B geometry (32 rows), that drops a 96 MiB copy of the layer's state per
+# layer and step (on the H100, a transpose), and at T = 3 the token-serial scan's further
+# state traffic (`tests/inference/test_decode_memory.py`). Elsewhere (CPU), and for more
+# tokens, the state is copied out and advanced by `gated_delta_step` or the token-serial scan:
+# XLA:CPU's sums over a non-minor axis made the in-stack form 2.4-14x slower there
+# (benchmarks/results/2026-11-27T1220Z_cpu-in-stack-forced_decode_step.md). Neither form is
+# timed on a TPU or GPU yet.
 STEPS_IN_STACK_MAX_TOKENS = 8
 STEPS_IN_STACK_PLATFORMS = ("tpu", "cuda", "rocm")
 
@@ -251,22 +253,28 @@ def _steps_on_a_copy(q, k, v, g, beta, state, layer, *, scale, use_qk_l2norm):
 
 
 def _steps_in_stack(q, k, v, g, beta, stack, layer, *, scale, use_qk_l2norm):
-    # `stack[layer]` ([L, B, N, E, H]) advanced where it lies, read twice and written once:
-    # the slice keeps its leading 1 and its value heads ungrouped (q and k repeated to them),
-    # because a reshape between the slice and its readers makes XLA copy it out (see
-    # `delta_rule_steps_by_sums`).
+    # `stack[layer]` ([L, B, N, E, H]; with `layer` None a lone state [B, N, E, H]) advanced
+    # where it lies, read twice and written once: the slice keeps its leading 1 and its value
+    # heads ungrouped (q and k repeated to them), because a reshape between the slice and its
+    # readers makes XLA copy it out (see `delta_rule_steps_by_sums`); a lone state likewise
+    # keeps its shape, so that its update can take its buffer.
     grp = v.shape[2] // q.shape[2]
     dtype = compute_dtype(q, k, v, stack)
     q, k = prepare_qk(q, k, scale, use_qk_l2norm)  # [B, T, K, E]
     q, k = (jnp.repeat(x, grp, axis=2) for x in (q, k))  # [B, T, N, E]
-    tokens_first = lambda x: jnp.moveaxis(x.astype(dtype), 1, 0)[:, None]  # [T, 1, B, N, ...]
+    lead = () if layer is None else (None,)
+    tokens_first = lambda x: jnp.moveaxis(x.astype(dtype), 1, 0)[(slice(None), *lead)]
+    tokens = map(tokens_first, (q, k, v, g, beta))  # [T, (1,) B, N, ...]
+    if layer is None:
+        o, state = delta_rule_steps_by_sums(stack.astype(dtype), *tokens)
+        return jnp.moveaxis(o, 0, 1).astype(v.dtype), state.astype(stack.dtype)
     # The slice and its update pinned row-major, the stack's layout outside the step: XLA:GPU
     # otherwise lays the carried stack out E-minor for the sums, transposing every layer's
     # states into that layout and back each step. (Not the stack itself: a pinned jit output
     # cannot take a donated buffer's place. Under a mesh this runs inside `shard_map`.)
     pin = lambda x: with_layout_constraint(x, Layout(tuple(range(x.ndim))))
     one = pin(jax.lax.dynamic_slice_in_dim(stack, layer, 1, 0)).astype(dtype)  # [1, B, N, E, H]
-    o, one = delta_rule_steps_by_sums(one, *map(tokens_first, (q, k, v, g, beta)))
+    o, one = delta_rule_steps_by_sums(one, *tokens)
     stack = jax.lax.dynamic_update_slice_in_dim(stack, pin(one.astype(stack.dtype)), layer, 0)
     return jnp.moveaxis(o[:, 0], 0, 1).astype(v.dtype), stack  # [B, T, N, H]
 
@@ -295,8 +303,11 @@ def gated_delta_decode(
         `state[layer]` advances, in place: the model's scan over blocks passes its carried
         stack, so that no layer's state is copied out of it and back (a kernel cannot read a
         slice in place).
-      backend: "xla" (`gated_delta_step` for one token, the token-serial scan for more: the
-        state read twice and written once per token), "pallas_gpu" / "pallas_tpu" (one kernel
+      backend: "xla" (jnp: on TPU and GPU, up to `STEPS_IN_STACK_MAX_TOKENS` tokens, the
+        state, or `state[layer]` where it lies, read twice and written once for all the tokens;
+        elsewhere a copy of it advanced by `gated_delta_step` for one token and the
+        token-serial scan for more, read twice and written once per token), "pallas_gpu" /
+        "pallas_tpu" (one kernel
         reading and writing the state once, in place when it is donated; interpreted off its
         platform) or "auto" (the pinned rule backend's kernel when it is one of those two and
         takes the head dims, "xla" otherwise).
@@ -327,7 +338,7 @@ def gated_delta_decode(
     if backend == "xla":
         args = (q, k, v, g, beta, state, layer)
         on_a_copy = functools.partial(_steps_on_a_copy, scale=scale, use_qk_l2norm=use_qk_l2norm)
-        if layer is None or t > STEPS_IN_STACK_MAX_TOKENS:
+        if t > STEPS_IN_STACK_MAX_TOKENS:
             return on_a_copy(*args)
         in_stack = functools.partial(_steps_in_stack, scale=scale, use_qk_l2norm=use_qk_l2norm)
         branches = {platform: in_stack for platform in STEPS_IN_STACK_PLATFORMS}
