@@ -244,7 +244,7 @@ def commit(old: Cache, new: Cache, pending: tuple, keep: jax.Array) -> Cache:
     blocks = []
     for o, n, p in zip(old.blocks, new.blocks, pending, strict=True):
         if isinstance(o, DeltaNetCache):
-            n = jax.vmap(commit_pending, in_axes=(0, 0, None))(o, p, keep)  # over stacked blocks
+            n = commit_pending(o, p, keep)  # the stacked blocks
         blocks.append(n)
     return dataclasses.replace(new, blocks=tuple(blocks), length=old.length + keep)
 

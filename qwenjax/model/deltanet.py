@@ -231,11 +231,20 @@ def _advance_conv(conv: jax.Array, m: jax.Array, num_valid: jax.Array) -> jax.Ar
 def commit_pending(
     cache: DeltaNetCache, pending: DeltaNetPending, num_valid: jax.Array
 ) -> DeltaNetCache:
-    """The state after only the first `num_valid[b]` tokens of an extend call (no parameters
-    needed: the pending inputs are post-projection and post-conv)."""
-    t = pending.g.shape[1]
+    """The scanned blocks' stacked states (`[L, ...]`, as are `pending`'s inputs) after only the
+    first `num_valid[b]` tokens of an extend call (no parameters needed: the pending inputs are
+    post-projection and post-conv)."""
+    t = pending.g.shape[2]
     valid = jnp.arange(t)[None, :] < num_valid[:, None]
+
+    # Block by block into the stack, as extend advances it: each update is a slice update in
+    # place (over all blocks at once, XLA:GPU wrote the new stack apart and copied it back).
     # Under shard_map like the extend call: a decode kernel (Mosaic, Triton) cannot be
     # partitioned by XLA. The query is unused; the keys stand in for it.
-    _, state = _advance(pending.k, pending, cache, valid)
-    return DeltaNetCache(conv=_advance_conv(cache.conv, pending.m, num_valid), state=state)
+    def advance(i, state):
+        p = jax.tree.map(lambda x: x[i], pending)
+        return _advance(p.k, p, dataclasses.replace(cache, state=state), valid, i)[1]
+
+    state = jax.lax.fori_loop(0, cache.state.shape[0], advance, cache.state)
+    conv = jax.vmap(_advance_conv, in_axes=(0, 0, None))(cache.conv, pending.m, num_valid)
+    return DeltaNetCache(conv=conv, state=state)

@@ -64,23 +64,19 @@ def test_v5p_decode_step_holds_no_second_cache(tokens, max_temp_mib):
 @pytest.mark.parametrize("target", ["v5p:2x2x1", "h100"])
 def test_speculative_verification_and_commit_copy_no_state_stack(target):
     """MTP speculation's step: verify 2 drafts, then `commit` the kept tokens. The verification
-    only reads the GDN states (`commit` advances them, once, in closed form); it had advanced
-    them in place, so XLA copied every old stack first for `commit` to recompute from, which
-    re-ran the token-serial scan on whole stacks (v5p: 1469 MiB of temporaries here)."""
+    only reads the GDN states, and `commit` advances them, once, in closed form, block by block
+    in place. The verification had advanced them in place, so XLA copied every old stack for
+    `commit` to recompute from, by a token-serial scan over whole stacks (at all 16 blocks: v5p
+    5841 MiB of temporaries, now 618; H100 7920, now 600)."""
     report = compile_report(REPORT, target, 3, "auto", 64, "commit", pythonpath=cuda_plugin_path())
     assert report["temp_mib"] < report["cache_mib"], report
-    f32 = [w for w in report["writes"] if w["shape"].startswith("f32")]
-    # Nothing in the scan over blocks: the verification writes no state.
-    assert [w for w in f32 if w["computation"] != "entry"] == [], report
-    # After it, one fusion per GDN stack (3 at 2 blocks) computes the committed states, into
-    # the donated buffer on the v5p; XLA:GPU's fusion there is a Triton kernel (commit's sums
-    # and update in one pass), which writes a new buffer that XLA then copies into it.
-    fusions = [w for w in f32 if w["op"] != "copy"]
-    assert [w["shape"] for w in fusions] == ["f32[2,32,48,128,128]"] * 3, report
-    assert len(f32) - len(fusions) == {"v5p:2x2x1": 0, "h100": 3}[target], report
+    # No fp32 state written other than by in-place slice updates (the report's "writes" leave
+    # those out): over all blocks at once, XLA:GPU's commit wrote each new stack apart and
+    # copied it into the donated one.
+    assert [w for w in report["writes"] if w["shape"].startswith("f32")] == [], report
     if target != "h100":  # (where the attention dots read copies of K and V slices)
         assert [w for w in report["cache_writes"] if ",4096," in w["shape"]] == [], report
-    # Measured: v5p 190 MiB, H100 394 MiB (before: 1469, 1264).
+    # Measured at these 2 blocks: v5p 190 MiB, H100 394 MiB (before: 1469, 1264).
     assert report["temp_mib"] < {"v5p:2x2x1": 256, "h100": 512}[target], report
 
 
