@@ -53,8 +53,9 @@ for step in $STEPS; do
     decode_attention) cmd=(python -m benchmarks.decode_attention) ; limit=150 ;;
     # What this image's XLA writes per decode step (jax 0.10.2's copies every weight out of the
     # scanned stack before its GEMM; newer XLA fuses dynamic slices into GEMMs). Not a timing.
-    decode_hlo) cmd=(python -m benchmarks.decode_hlo --target local --min-mib 4 --kernels auto
-                     attention=pallas_gpu,gdn=pallas_gpu) ; limit=200 ;;
+    # T = 3: MTP speculation's verification with the commit after it (--verify).
+    decode_hlo) cmd=(python -m benchmarks.decode_hlo --target local --min-mib 4 --verify
+                     --kernels auto attention=pallas_gpu,gdn=pallas_gpu) ; limit=200 ;;
     generate) cmd=(python benchmarks/generate.py --model qwen3.6-27b --dtype bfloat16 --batch 1 32
                    --prompt-len 512 --new-tokens 128 --speculative-tokens 0 2 --repeats 2)
               outflag=(--out "$OUT/$(date -u +%Y-%m-%dT%H%MZ)_generate_27b.jsonl") ; limit=300 ;;

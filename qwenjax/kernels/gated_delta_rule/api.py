@@ -53,8 +53,8 @@ _pins = PinStack()
 # platform's decode kernel too; unpinned, "auto" keeps "xla" until the kernels are timed on a
 # device (`benchmarks/decode_step.py`).
 DECODE_BACKENDS = ("xla", "pallas_gpu", "pallas_tpu")
-# The "xla" decode of one layer of the stacked states (the model's scan passes them), or of a
-# lone state (`commit` after a verification, over all layers at once): on TPU and GPU, up to
+# The "xla" decode of one layer of the stacked states (the model's scan and `commit` pass
+# them), or of a lone state: on TPU and GPU, up to
 # STEPS_IN_STACK_MAX_TOKENS tokens, it works on the state where it lies, reading it twice and
 # writing it once (`delta_rule_steps_by_sums`: O(T^2) small vector terms). On a v5p / H100, as
 # compiled at the 27B geometry (32 rows), that drops a 96 MiB copy of the layer's state per
@@ -307,10 +307,9 @@ def gated_delta_decode(
         state, or `state[layer]` where it lies, read twice and written once for all the tokens;
         elsewhere a copy of it advanced by `gated_delta_step` for one token and the
         token-serial scan for more, read twice and written once per token), "pallas_gpu" /
-        "pallas_tpu" (one kernel
-        reading and writing the state once, in place when it is donated; interpreted off its
-        platform) or "auto" (the pinned rule backend's kernel when it is one of those two and
-        takes the head dims, "xla" otherwise).
+        "pallas_tpu" (one kernel reading and writing the state once, in place when it is
+        donated; interpreted off its platform) or "auto" (the pinned rule backend's kernel
+        when it is one of those two and takes the head dims, "xla" otherwise).
 
     Returns:
       (out [B, T, Hv, dv] in v.dtype, new state [B, Hv, dk, dv] (with `layer`: the new stack)
