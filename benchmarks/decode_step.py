@@ -11,8 +11,9 @@ could reach; this script measures how far the jnp step (`gated_delta_step`, the 
 it updates in place) is from that floor, beside the literal order of the equations (four reads,
 two writes: the baseline the current arrangement replaced). For `--tokens` T > 1 (speculative
 verification of T - 1 drafts) the jnp path is the token-serial scan, timed per call. "jnp in
-stack" is what the model runs: the state as a layer of the stacked states, read twice and
-written once for all T tokens (`delta_rule_steps_by_sums`, up to 8 tokens).
+stack" is what the model runs: the state as a layer of the stacked states, on TPU and GPU read
+twice and written once for all T tokens (`delta_rule_steps_by_sums`, up to 8 tokens; checked
+against the jnp path first), on CPU copied out and advanced as "jnp" is.
 
 On a GPU or TPU the platform's Pallas decode kernel (`gated_delta_decode`, backend
 "pallas_gpu" / "pallas_tpu": the state read once and written once for all T tokens) is timed in
@@ -154,10 +155,10 @@ def main() -> None:
         for tokens in args.tokens:
             xs, state = inputs(batch, tokens, jnp.dtype(args.dtype))
             floor_bytes = 2 * state.nbytes  # read once, write once, per call
-            impls = {"jnp": jnp_path, "jnp in stack": jnp_in_stack}
+            impls = {"jnp": jnp_path}
             if tokens == 1:
                 impls["literal order"] = literal_step
-            for name, fn in kernels.items():
+            for name, fn in {"jnp in stack": jnp_in_stack, **kernels}.items():
                 err = check(fn, xs, state)
                 if err > 2e-2:  # bf16 outputs; the state itself agrees to ~1e-6
                     raise SystemExit(f"{name} disagrees with the jnp path: {err:.2e}")
