@@ -10,6 +10,7 @@ bf16 values, and padding tokens (g = beta = 0) that must leave the state as it i
 vs the float64 NumPy oracle: <= 1e-5 (measured ~2e-7).
 """
 
+import contextlib
 from unittest import mock
 
 import jax
@@ -30,9 +31,11 @@ from tests.scheduler_cases import SCHEDULER, assert_scheduler_gives, mesh_model,
 from tests.tpu_aot import compile_report, cuda_plugin_path, needs_cuda_plugin, needs_libtpu
 
 TOL = 1e-5
-# "xla_stack": the jnp decode of one layer's state inside a stack, worked on where it lies
-# (`delta_rule_steps_by_sums`), the model's decode path by default.
-BACKENDS = ["xla", "xla_stack", "pallas_gpu", "pallas_tpu", "tpu_interpreter"]
+# "xla": the jnp decode as this platform runs it (on CPU the state copied out and advanced by
+# `gated_delta_step` or the token-serial scan); "xla_in_stack" and "xla_stack": its TPU / GPU
+# form (`delta_rule_steps_by_sums`), forced here, on a lone state and on one layer's state
+# inside a stack (the model's decode path there).
+BACKENDS = ["xla", "xla_in_stack", "xla_stack", "pallas_gpu", "pallas_tpu", "tpu_interpreter"]
 
 
 def make_inputs(seed: int, b: int, t: int, e: int, h: int, l2norm: bool = True) -> dict:
@@ -45,7 +48,8 @@ def make_inputs(seed: int, b: int, t: int, e: int, h: int, l2norm: bool = True) 
 def decode(name: str, x: dict, **options):
     """`gated_delta_decode` on backend `name` ("tpu_interpreter": the TPU kernel on the TPU
     interpreter, NaN-filled VMEM and bounds checks; "xla_stack": the state as layer 1 of a
-    stack whose layer 0 is NaN), jitted with the state donated."""
+    stack whose layer 0 is NaN; "xla_in_stack" and "xla_stack" in the in-stack form), jitted
+    with the state donated."""
     if name == "tpu_interpreter":
 
         def fn(q, k, v, g, beta, state):
@@ -65,9 +69,11 @@ def decode(name: str, x: dict, **options):
             )
             return o, stack[1]
     else:
-        fn = lambda *a: gated_delta_decode(*a, backend=name, **options)
+        backend = "xla" if name == "xla_in_stack" else name
+        fn = lambda *a: gated_delta_decode(*a, backend=backend, **options)
     args = [jnp.asarray(x[n]) for n in ("q", "k", "v", "g", "beta")] + [jnp.array(x["state"])]
-    with in_stack_on_cpu():
+    forced = name in ("xla_in_stack", "xla_stack")
+    with in_stack_on_cpu() if forced else contextlib.nullcontext():
         return jax.jit(fn, donate_argnums=5)(*args)
 
 
