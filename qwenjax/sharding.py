@@ -286,6 +286,15 @@ def context_axes() -> str | tuple[str, ...] | None:
     return axes[0] if len(axes) == 1 else axes
 
 
+def active_shards(name: str) -> int:
+    """Into how many shards the active rules split logical axis `name` (1 outside `use_rules`)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return 1
+    mesh, rules = active
+    return math.prod(mesh.shape[a] for a in _axes(rules.get(name)))
+
+
 def constrain_tree(tree: Any) -> Any:
     """`constrain` for a pytree of `nnx.Variable`s (e.g. a gradient accumulator) by metadata."""
     active = _ACTIVE.get()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qwenjax.kernels.cross_entropy import cross_entropy
+from qwenjax.kernels.cross_entropy import token_nll
 from qwenjax.model import Qwen35
 
 Batch = dict[str, jax.Array]
@@ -62,7 +62,8 @@ def loss_fn(
       model: the model (its compute dtype and remat policy apply).
       batch: `input_ids`, `segment_ids`, `positions`, `loss_mask`, each `[B, T]`.
       mtp_weight: λ; 0 (or a model without an MTP head) skips the MTP head entirely.
-      ce_chunk: tokens per chunk of the fused LM-head cross-entropy.
+      ce_chunk: logits tile of the fused LM-head cross-entropy: about `ce_chunk · V` fp32
+        logits per device at once (`kernels.cross_entropy.token_nll`).
       counts: the normalisers `(main, mtp)`, default this batch's own `target_counts`. Pass the
         totals of a whole accumulated batch: then loss and metrics of its micro-batches add up
         to exactly the big batch's (a mean of sums, not a mean of means).
@@ -80,17 +81,27 @@ def loss_fn(
     vision = {k: batch[k] for k in VISION_KEYS if k in batch}
     hidden = model.hidden(ids, positions, segments, **vision)  # [B, T, D]
     head = model.head_weight()  # [D, V]
-    ce_sum, tokens = cross_entropy(hidden, head, main_targets, main_mask, chunk_size=ce_chunk)
-    ce_loss = ce_sum / jnp.maximum(n_main, 1)
+    with_mtp = model.mtp is not None and bool(mtp_weight)
+    if with_mtp:
+        # Index i pairs h_i with x_{i+1} (= the main target) in h_i's document. Both losses
+        # go through the head in one pass: W is gathered, and its gradient reduced, once.
+        mtp_hidden = model.mtp_hidden(hidden, main_targets, positions, segments)
+        nll = token_nll(
+            jnp.stack([hidden, mtp_hidden]),
+            head,
+            jnp.stack([main_targets, mtp_targets]),
+            chunk_size=ce_chunk,
+        )  # [2, B, T]
+    else:
+        nll = token_nll(hidden, head, main_targets, chunk_size=ce_chunk)[None]
+    masked_sum = lambda x, mask: jnp.sum(jnp.where(mask, x, 0.0))
+    ce_loss = masked_sum(nll[0], main_mask) / jnp.maximum(n_main, 1)
+    tokens = jnp.sum(main_mask, dtype=jnp.int32)
 
     mtp_loss, mtp_tokens = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
-    if model.mtp is not None and mtp_weight:
-        # Index i pairs h_i with x_{i+1} (= the main target) in h_i's document.
-        mtp_hidden = model.mtp_hidden(hidden, main_targets, positions, segments)
-        mtp_sum, mtp_tokens = cross_entropy(
-            mtp_hidden, head, mtp_targets, mtp_mask, chunk_size=ce_chunk
-        )
-        mtp_loss = mtp_sum / jnp.maximum(n_mtp, 1)
+    if with_mtp:
+        mtp_loss = masked_sum(nll[1], mtp_mask) / jnp.maximum(n_mtp, 1)
+        mtp_tokens = jnp.sum(mtp_mask, dtype=jnp.int32)
 
     loss = ce_loss + mtp_weight * mtp_loss
     metrics = dict(

@@ -75,7 +75,8 @@ def make_grad_fn(
       model: the model (possibly abstract); only its structure, compute dtype and remat policy
         are used, the values come from `params` and `frozen` (as split by `split_model`).
       mtp_weight: λ of the MTP loss (0 skips the MTP head).
-      ce_chunk: tokens per chunk of the fused LM-head cross-entropy.
+      ce_chunk: logits tile of the fused LM-head cross-entropy: about `ce_chunk · V` fp32
+        logits per device at once (`kernels.cross_entropy.token_nll`).
       train_vision: train the vision tower too (`split_model`).
 
     Gradients are of the whole batch's objective (normalised by its total target counts) and
@@ -118,7 +119,8 @@ def make_train_step(
         are used, the values come from the state.
       optim: optimizer configuration.
       mtp_weight: λ of the MTP loss (0 skips the MTP head).
-      ce_chunk: tokens per chunk of the fused LM-head cross-entropy.
+      ce_chunk: logits tile of the fused LM-head cross-entropy: about `ce_chunk · V` fp32
+        logits per device at once (`kernels.cross_entropy.token_nll`).
       train_vision: train the vision tower too (pass the same to `init_train_state`).
 
     The batch holds `[k, B/k, T]` arrays (k micro-batches, see `microbatches`). Metrics: `loss`
