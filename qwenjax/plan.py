@@ -78,7 +78,9 @@ def _bytes_per_device(tree: Any) -> int:
     total = 0
     for leaf in jax.tree.leaves(tree):
         shard = leaf.sharding.shard_shape(leaf.shape)
-        total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+        # `dtype.itemsize`, not `jnp.dtype(...)`: the state holds PRNG keys (key<fry>, 8 bytes),
+        # which are not NumPy dtypes.
+        total += math.prod(shard) * leaf.dtype.itemsize
     return total
 
 

@@ -11,10 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwenjax.config import ModelConfig
-from qwenjax.plan import CHIPS, hints, print_report, temporaries_refused
+from qwenjax.plan import CHIPS, _bytes_per_device, hints, print_report, temporaries_refused
 from tests.tpu_aot import aot_env, compile_report, needs_libtpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +114,18 @@ def test_out_of_hbm_compile_error_is_the_answer_does_not_fit():
     )
     assert temporaries_refused(message) == int(523.79 * GiB)
     assert temporaries_refused("INTERNAL: Mosaic failed to compile TPU kernel") is None
+
+
+def test_state_bytes_per_chip_count_prng_keys():
+    """The does-not-fit path sizes the train state itself; it holds PRNG keys, which are not
+    NumPy dtypes (it crashed on them at 262K tokens on a v5p-32)."""
+    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+    rows = NamedSharding(mesh, PartitionSpec("x"))
+    state = {
+        "w": jax.ShapeDtypeStruct((16, 3), np.float32, sharding=rows),  # 2 x 3 x 4 bytes a chip
+        "rng": jax.ShapeDtypeStruct((8,), jax.random.key(0).dtype, sharding=rows),  # 1 x 8
+    }
+    assert _bytes_per_device(state) == 2 * 3 * 4 + 8
 
 
 def test_a_step_that_does_not_fit_gets_hints():
