@@ -81,19 +81,14 @@ def loss_fn(
     vision = {k: batch[k] for k in VISION_KEYS if k in batch}
     hidden = model.hidden(ids, positions, segments, **vision)  # [B, T, D]
     head = model.head_weight()  # [D, V]
+    hiddens, targets = [hidden], [main_targets]
     with_mtp = model.mtp is not None and bool(mtp_weight)
     if with_mtp:
-        # Index i pairs h_i with x_{i+1} (= the main target) in h_i's document. Both losses
-        # go through the head in one pass: W is gathered, and its gradient reduced, once.
-        mtp_hidden = model.mtp_hidden(hidden, main_targets, positions, segments)
-        nll = token_nll(
-            jnp.stack([hidden, mtp_hidden]),
-            head,
-            jnp.stack([main_targets, mtp_targets]),
-            chunk_size=ce_chunk,
-        )  # [2, B, T]
-    else:
-        nll = token_nll(hidden, head, main_targets, chunk_size=ce_chunk)[None]
+        # Index i pairs h_i with x_{i+1} (= the main target) in h_i's document.
+        hiddens.append(model.mtp_hidden(hidden, main_targets, positions, segments))
+        targets.append(mtp_targets)
+    # Both losses go through the head in one pass: W is gathered, and its gradient reduced, once.
+    nll = token_nll(jnp.stack(hiddens), head, jnp.stack(targets), chunk_size=ce_chunk)
     masked_sum = lambda x, mask: jnp.sum(jnp.where(mask, x, 0.0))
     ce_loss = masked_sum(nll[0], main_mask) / jnp.maximum(n_main, 1)
     tokens = jnp.sum(main_mask, dtype=jnp.int32)

@@ -228,6 +228,8 @@ def cross_entropy(
         raise ValueError(
             f"targets {targets.shape} and mask {mask.shape} must be {hidden.shape[:2]}"
         )
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if implementation == "reference":
         return cross_entropy_reference(hidden, weight, targets, mask)
     nll = token_nll(hidden, weight, targets, chunk_size=chunk_size)
