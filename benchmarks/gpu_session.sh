@@ -24,13 +24,14 @@ fi
 # vocabulary (the tiny one: prompts are token ids); 32 slots x 2048 tokens of KV cache (4 GiB)
 # and GDN state (4.6 GiB) fit an 80 GB H100 beside the weights. Needs starlette, uvicorn,
 # prometheus-client, llguidance and openai importable (carry wheels in .whl/ if the image lacks
-# them).
+# them). Random prompts never share a prefix, so --no-prefix-cache: its snapshots (one GDN state
+# per slot, 4.6 GiB more) would buy nothing here.
 serve_27b() {
   local port=8321 log="$OUT/serve.log"
   python -c "from qwenjax.testing.tiny_data import save_tiny_tokenizer as s; s('/tmp/qwenjax-tok')"
   python -c "from qwenjax.cli import main; main()" serve --random-weights "${SERVE_PRESET:-qwen3.6-27b}" \
     --tokenizer /tmp/qwenjax-tok --dtype bfloat16 --slots 32 --max-length 2048 --port $port \
-    >"$log" 2>&1 &
+    --no-prefix-cache >"$log" 2>&1 &
   local pid=$!
   for _ in $(seq 120); do
     curl -sf "localhost:$port/health" >/dev/null && break

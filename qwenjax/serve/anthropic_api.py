@@ -348,11 +348,12 @@ def _stop_reason(g: Generation) -> tuple[str, str | None]:
 
 
 def _usage(g: Generation) -> dict[str, Any]:
+    # As Anthropic counts: input_tokens are those not read from the cache.
     return {
-        "input_tokens": g.prompt_tokens,
+        "input_tokens": g.prompt_tokens - g.cached_tokens,
         "output_tokens": g.completion_tokens,
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_read_input_tokens": g.cached_tokens,
     }
 
 
@@ -509,7 +510,8 @@ async def messages(request: Request, state: ServerState) -> Response:
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                    "usage": {"output_tokens": g.completion_tokens},
+                    # cumulative, as the API sends it: the cache read is known only now
+                    "usage": _usage(g),
                 },
                 "message_delta",
             )

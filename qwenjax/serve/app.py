@@ -267,6 +267,9 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
             stop_token_ids=tokenizer.eos_token_ids,
             mesh=mesh,
             rules=rules,
+            prefix_cache=not args.no_prefix_cache,
+            # each turn's generation prompt starts with one: a snapshot there serves the next
+            boundary_token=tokenizer.token_to_id("<|im_start|>"),
         )
     if args.served_model_name:
         name = args.served_model_name

@@ -381,6 +381,7 @@ class Generation:
         self.decoder = self._decoder(self.prompt_ids)
         self.handle: Any = None
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens the engine reused from its cache
         self.reasoning_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
@@ -475,6 +476,7 @@ class Generation:
             yield Chunk(events=self._initial_events)
         try:
             async for ev in self.handle:
+                self.cached_tokens = getattr(ev, "cached_tokens", 0)
                 self._observe(len(ev.token_ids))
                 chunk = Chunk()
                 for j, token_id in enumerate(ev.token_ids):

@@ -101,6 +101,16 @@ _STATS: dict[str, tuple[str, str, str]] = {
     "slots_used": ("num_slots_used", "gauge", "Decode slots holding a request."),
     "prompt_tokens_total": ("prompt_tokens", "counter", "Prefilled prompt tokens."),
     "generation_tokens_total": ("generation_tokens", "counter", "Generated tokens."),
+    "prefix_cache_queries_total": (
+        "prefix_cache_queries",
+        "counter",
+        "Prompt tokens of admitted requests (prefix cache lookups, in tokens).",
+    ),
+    "prefix_cache_hits_total": (
+        "prefix_cache_hits",
+        "counter",
+        "Prompt tokens reused from a slot's cache instead of prefilled.",
+    ),
     "spec_decode_num_drafts_total": (
         "spec_decode_num_drafts",
         "counter",

@@ -540,6 +540,8 @@ def _usage(gens: Sequence[Generation], *, chat: bool = True) -> dict[str, Any]:
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        # the first choice's, like prompt_tokens (the n choices share one prompt)
+        "prompt_tokens_details": {"cached_tokens": sum(g.cached_tokens for g in gens[:1])},
     }
     if chat:
         usage["completion_tokens_details"] = {
@@ -880,6 +882,8 @@ async def completions(request: Request, state: ServerState) -> Response:
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            # one choice per prompt counted, like prompt_tokens
+            "prompt_tokens_details": {"cached_tokens": sum(g.cached_tokens for g in gens[::n])},
         }
 
     if not stream:
@@ -1059,7 +1063,7 @@ def _response_object(
 def _response_usage(g: Generation) -> dict[str, Any]:
     return {
         "input_tokens": g.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": g.cached_tokens},
         "output_tokens": g.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": g.reasoning_tokens},
         "total_tokens": g.prompt_tokens + g.completion_tokens,

@@ -27,6 +27,18 @@ prefill chunk, which also lays out the whole prompt's embeddings and mRoPE posit
 an image. The prompt's rope delta goes into the slot's cache row, so decoding (plain or MTP)
 continues at slot + delta; admission resets it to 0, the delta of text.
 
+Prefix reuse: a free slot still holds what its last request left in the cache, and a new
+prompt that starts with it prefills only the rest. A Gated DeltaNet state cannot be cut back
+to an earlier position, so a slot offers two exact points: `live`, the row as its request
+ended (the prompt and reply: a tool loop or a chat without reasoning re-sends them verbatim),
+and `snapshot`, a copy of its GDN states taken where the prompt's last `boundary_token`
+(`<|im_start|>`: the generation prompt) begins, so that the next turn reuses the whole history
+before the last reply even when the template re-renders that reply differently (Qwen3.6 drops
+earlier turns' reasoning). Attention K/V need no copy: they are written by position, and a
+request writes only past the point it reuses. A point counts only if the prompt also has the
+token that followed it, since the MTP cache's entry there pairs with that token. Admission
+takes the free slot with the longest reusable prefix, else the one free the longest.
+
 Finished and cancelled requests free their slot at once. Shapes never depend on the requests
 (prefill chunks are bucketed to powers of two, and so are a vision prompt's patches and width),
 so nothing recompiles while serving once each bucket has been seen. A row's
@@ -71,7 +83,7 @@ from qwenjax.inference.engine import (
 )
 from qwenjax.inference.sampling import SamplingBatch, SamplingParams, top_logprobs
 from qwenjax.model import Qwen35
-from qwenjax.model.cache import Cache, DeltaNetCache, KVCache, init_cache
+from qwenjax.model.cache import Cache, DeltaNetCache, KVCache, init_cache, logical_axes
 from qwenjax.serve import vision_prompt
 from qwenjax.vision.model import VisionInputs
 
@@ -109,6 +121,7 @@ class Event:
     finish_reason: str | None  # None while running; "stop", "length" or "abort" at the end
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens reused from the cache, not prefilled
 
 
 class Handle:
@@ -170,6 +183,28 @@ class _Slot:
     constraint: Constraint | None = None
     vision: VisionInputs | None = None  # the prompt's images and videos, until prefilled
     prepared: vision_prompt.PromptVision | None = None  # their tower output, during prefill
+    multimodal: bool = False
+    cached: int = 0  # prompt tokens reused from the slot's cache (not prefilled)
+    snapshot_at: int = 0  # take the slot's snapshot once the prompt is prefilled this far
+    outputs: list[int] = dataclasses.field(default_factory=list)  # published tokens
+
+
+@dataclasses.dataclass
+class _Kept:
+    """What a free slot's cache still holds: the tokens before each reusable point, plus the
+    token that followed it (see the module docstring)."""
+
+    live: list[int] | None = None  # the row as its request ended: L processed tokens, then 1
+    snapshot: list[int] | None = None  # the snapshot's b tokens, then 1
+
+    def reuse(self, prompt: list[int]) -> tuple[int, str]:
+        """(tokens of `prompt` the slot holds, "live" | "snapshot"), or (0, "reset")."""
+        best = (0, "reset")
+        for mode, kept in (("snapshot", self.snapshot), ("live", self.live)):
+            n = 0 if kept is None else len(kept)
+            if n > 1 + best[0] and len(prompt) >= n and prompt[:n] == kept:
+                best = (n - 1, mode)
+        return best
 
 
 # ------------------------------------------------------------------------------ device functions
@@ -217,11 +252,41 @@ def _empty_row(row: Cache) -> Cache:
     )
 
 
-@functools.partial(jax.jit, donate_argnames=("s", "req"))
-def _admit(s: DecodeState, req: Requests, slot, row_req: Requests) -> tuple[DecodeState, Requests]:
-    """Reset slot `slot` and give it a new request's options."""
+def _gdn_only(blocks: tuple) -> tuple:
+    """The GDN layers of a cache's blocks (None in place of each attention layer)."""
+    return tuple(layer if isinstance(layer, DeltaNetCache) else None for layer in blocks)
+
+
+def _constrained_snapshot(snap: tuple, cache: Cache) -> tuple:
+    axes = _gdn_only(logical_axes(cache).blocks)
+    return jax.tree.map(ax.constrain, snap, axes)
+
+
+def _restored(row: Cache, snap: tuple, slot) -> Cache:
+    """`row` with its GDN states from slot `slot` of the snapshot stacks."""
+    blocks = tuple(
+        layer if kept is None else jax.tree.map(lambda x: _take(x, slot, 1), kept)
+        for layer, kept in zip(row.blocks, snap, strict=True)
+    )
+    return dataclasses.replace(row, blocks=blocks)
+
+
+@functools.partial(jax.jit, static_argnames=("mode",), donate_argnames=("s", "req"))
+def _admit(
+    s: DecodeState, req: Requests, slot, row_req: Requests, keep, snap, *, mode: str
+) -> tuple[DecodeState, Requests]:
+    """Give slot `slot` a new request's options; its cache row holds the first `keep` tokens of
+    the prompt: none ("reset"), the row as it is ("live"), or the row's snapshot ("snapshot")."""
     req = jax.tree.map(lambda x, r: _put(x, r, slot, 0), req, row_req)
-    cache = _set_cache_row(s.cache, slot, _empty_row(_cache_row(s.cache, slot)))
+    row = _cache_row(s.cache, slot)
+    if mode == "reset":
+        row = _empty_row(row)
+    elif mode == "snapshot":
+        row = _restored(row, snap, slot)
+    row = dataclasses.replace(
+        row, length=jnp.full_like(row.length, keep), rope_delta=jnp.zeros_like(row.rope_delta)
+    )
+    cache = _set_cache_row(s.cache, slot, row)
     zero = lambda x: _put(x, jnp.zeros_like(_take(x, slot, 0)), slot, 0)
     s = dataclasses.replace(
         s,
@@ -236,6 +301,14 @@ def _admit(s: DecodeState, req: Requests, slot, row_req: Requests) -> tuple[Deco
         real=_put(s.real, jnp.ones((1,), bool), slot, 0),
     )
     return s, req
+
+
+@functools.partial(jax.jit, donate_argnames=("snap",))
+def _snapshot(snap: tuple, s: DecodeState, slot) -> tuple:
+    """Copy slot `slot`'s GDN states (conv and recurrent) into the snapshot stacks."""
+    live = _gdn_only(s.cache.blocks)
+    snap = jax.tree.map(lambda buf, x: _put(buf, _take(x, slot, 1), slot, 1), snap, live)
+    return _constrained_snapshot(snap, s.cache)
 
 
 @functools.partial(jax.jit, donate_argnames=("s",))
@@ -331,7 +404,16 @@ def _read(s: DecodeState, cursor, *, width: int):
         take(s.top_logprobs),
         s.drafted,
         s.accepted,
+        s.cache.length,
     )
+
+
+def _last_index(tokens: list[int], token: int) -> int:
+    """Where the last `token` in `tokens` is (0 if none)."""
+    try:
+        return len(tokens) - 1 - tokens[::-1].index(token)
+    except ValueError:
+        return 0
 
 
 def _bucket(n: int, limit: int) -> int:
@@ -355,7 +437,13 @@ class Scheduler:
         pad_id: int = 0,
         mesh=None,
         rules=None,
+        prefix_cache: bool = True,
+        boundary_token: int | None = None,
     ):
+        """`prefix_cache`: reuse what a free slot's cache holds (see the module docstring);
+        `boundary_token`: the prompt's last one of these is where each slot's snapshot is taken
+        (the server passes `<|im_start|>`); None: no snapshots (no memory for them), only
+        the live rows are reused."""
         if slots < 1 or max_length < 32 or prefill_chunk < 16:
             raise ValueError(
                 f"need slots ≥ 1, max_length ≥ 32, prefill_chunk ≥ 16; got {slots}, "
@@ -402,7 +490,20 @@ class Scheduler:
         # The host copy of `Requests.allowed`; `_dirty`: it changed since the last upload.
         self._allowed = all_allowed(slots, self.config.vocab_size)
         self._dirty = False
+        self.prefix_cache = prefix_cache
+        self.boundary_token = boundary_token if prefix_cache else None
         self._state, self._req = self._init_device()
+        # A GDN state per slot (the snapshot), shaped and sharded like the cache's GDN layers.
+        self._snap = None
+        if self.boundary_token is not None:
+            self._snap = jax.jit(lambda c: jax.tree.map(jnp.zeros_like, _gdn_only(c.blocks)))(
+                self._state.cache
+            )
+            size = sum(x.nbytes for x in jax.tree.leaves(self._snap))
+            logger.info(
+                "prefix cache: %d slot snapshots of the GDN states, %.1f MiB", slots, size / 2**20
+            )
+        self._kept = [_Kept() for _ in range(slots)]
         self._free = collections.deque(range(slots))
         self._active: dict[int, _Slot] = {}
         self._waiting: collections.deque[_Slot] = collections.deque()
@@ -412,7 +513,7 @@ class Scheduler:
         self._running = False
         self._ids = itertools.count()
         self._error: BaseException | None = None
-        self.counters = collections.Counter()
+        self.counters = collections.Counter(prefix_cache_queries_total=0, prefix_cache_hits_total=0)
 
     # -------------------------------------------------------------------------------- device
     def _init_device(self) -> tuple[DecodeState, Requests]:
@@ -542,6 +643,7 @@ class Scheduler:
             budget=None if reasoning_budget is None else tuple(map(int, reasoning_budget)),
             constraint=constraint,
             vision=vision,
+            multimodal=vision is not None,
         )
         with self._lock:
             if self._error is not None:
@@ -665,11 +767,40 @@ class Scheduler:
             with self._lock:
                 if not self._free or not self._waiting:
                     return
-                slot, index = self._waiting.popleft(), self._free.popleft()
+                slot = self._waiting.popleft()
+                index, keep, mode = self._pick(slot)
+                self._free.remove(index)
                 self._active[index] = slot
+            kept = self._kept[index]
+            kept.live = None  # the row changes from here on
+            if mode == "reset":
+                kept.snapshot = None  # the prefill overwrites the K/V it relied on
+            slot.prefilled = slot.cached = keep
+            if self.boundary_token is not None and not slot.multimodal:
+                at = _last_index(slot.prompt, self.boundary_token)
+                slot.snapshot_at = at if at > keep else 0
+            self.counters["prefix_cache_queries_total"] += len(slot.prompt)
+            self.counters["prefix_cache_hits_total"] += keep
             self._state, self._req = _admit(
-                self._state, self._req, jnp.int32(index), self._row_request(index, slot)
+                self._state,
+                self._req,
+                jnp.int32(index),
+                self._row_request(index, slot),
+                jnp.int32(keep),
+                self._snap if mode == "snapshot" else None,
+                mode=mode,
             )
+
+    def _pick(self, slot: _Slot) -> tuple[int, int, str]:
+        """The free slot for `slot`'s request: the longest reusable prefix of its prompt, else
+        the slot free the longest; with the tokens it reuses and how."""
+        best = (self._free[0], 0, "reset")
+        if self.prefix_cache and not slot.multimodal:
+            for index in self._free:
+                keep, mode = self._kept[index].reuse(slot.prompt)
+                if keep > best[1]:
+                    best = (index, keep, mode)
+        return best
 
     def _step(self) -> None:
         prefilling = [i for i, s in self._active.items() if s.prefilled < len(s.prompt)]
@@ -728,6 +859,8 @@ class Scheduler:
         slot = self._active[index]
         lo = slot.prefilled
         hi = min(len(slot.prompt), lo + self.prefill_chunk)
+        if lo < slot.snapshot_at < hi:  # a chunk ends where the snapshot is taken
+            hi = slot.snapshot_at
         n = hi - lo
         width = _bucket(n, self.prefill_chunk)
         ids = np.full((1, width), self.pad_id, np.int32)
@@ -764,6 +897,9 @@ class Scheduler:
                 last=last,
             )
         slot.prefilled = hi
+        if hi == slot.snapshot_at:
+            self._snap = _snapshot(self._snap, self._state, jnp.int32(index))
+            self._kept[index].snapshot = slot.prompt[: hi + 1]
         if last:  # free the pixels and the prompt's embeddings
             slot.vision = slot.prepared = None
 
@@ -771,7 +907,9 @@ class Scheduler:
         """Publish each slot's new tokens, from `made` (a `_read` queued earlier) or the state
         now; free the slots that finished."""
         made = self._queue_read() if made is None else made
-        num_out, done, stopped, tokens, lps, top_ids, top_lps, drafted, accepted = map(_host, made)
+        num_out, done, stopped, tokens, lps, top_ids, top_lps, drafted, accepted, length = map(
+            _host, made
+        )
         for i, s in list(self._active.items()):
             new = int(num_out[i]) - s.delivered
             finished = bool(done[i]) and s.prefilled == len(s.prompt)
@@ -793,7 +931,9 @@ class Scheduler:
                 )
                 s.drafted, s.accepted = int(drafted[i]), int(accepted[i])
             if finished:
-                self._free_slot(i, self._reason(s, bool(stopped[i])))
+                # A row done on the device is final: its length is what the cache holds.
+                held = int(length[i]) if done[i] else None
+                self._free_slot(i, self._reason(s, bool(stopped[i])), held)
 
     def _advance(self, index: int, s: _Slot, tokens: np.ndarray, done: bool) -> bool:
         """Feed a constrained slot's new tokens to its grammar and, unless the row is `done`,
@@ -820,6 +960,8 @@ class Scheduler:
         p = s.params
         n = len(tokens)
         s.delivered += n
+        if self.prefix_cache:
+            s.outputs += [int(t) for t in tokens]
         self.counters["generation_tokens_total"] += n
         k = p.top_logprobs or 0
         s.handle._put(
@@ -835,12 +977,20 @@ class Scheduler:
                 finish_reason=finish,
                 prompt_tokens=len(s.prompt),
                 completion_tokens=s.delivered,
+                cached_tokens=s.cached,
             )
         )
 
-    def _free_slot(self, index: int, reason: str) -> None:
+    def _free_slot(self, index: int, reason: str, held: int | None = None) -> None:
+        """`held`: the tokens the row's cache holds, when the row is done on the device."""
         slot = self._active.pop(index)
         self._state = _release(self._state, jnp.int32(index))
+        known = slot.prompt + slot.outputs
+        # Speculation may have put tokens past a stop token into the cache: not reusable then.
+        # Nor is a prompt with images (positions past an image are not slots).
+        reusable = held is not None and held < len(known) and reason != "abort"
+        if self.prefix_cache and reusable and not slot.multimodal:
+            self._kept[index].live = known[: held + 1]
         with self._lock:
             self._free.append(index)
         self._finish(slot, reason)
@@ -858,5 +1008,6 @@ class Scheduler:
                 finish_reason=reason,
                 prompt_tokens=len(slot.prompt),
                 completion_tokens=slot.delivered,
+                cached_tokens=slot.cached,
             )
         )

@@ -146,7 +146,7 @@ def test_chat_stream_equals_non_stream_on_model_output(oai):
     assert (reasoning, content) == (full.message.reasoning_content or "", full.message.content)
 
 
-def test_tool_round_trip_and_thinking(oai, tok):
+def test_tool_round_trip_and_thinking(server, oai, tok):
     first = oai.chat.completions.create(
         model="tiny-qwen", messages=USER, tools=TOOLS, max_tokens=200, extra_body=forced(CALL)
     )
@@ -173,6 +173,14 @@ def test_tool_round_trip_and_thinking(oai, tok):
     assert content == "It is sunny." and chunks[-1].usage.completion_tokens == len(
         tok.encode(ANSWER)
     )
+    # The template re-renders the first reply as it was generated: the second turn prefills
+    # only what follows it (its last token, <|im_end|>, was sampled but never run).
+    reused = first.usage.prompt_tokens + first.usage.completion_tokens - 1
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == reused
+    text = http(server.base, "GET", "/metrics", key=KEY)[2]
+    assert metric(text, "qwenjax:prefix_cache_hits_total") >= reused
+    assert metric(text, "qwenjax:prefix_cache_queries_total") > reused
     off = (
         oai.chat.completions.create(
             model="tiny-qwen",
@@ -205,7 +213,7 @@ def test_responses_routes(oai):
         assert stream.get_final_response().output_text == "It is sunny."
 
 
-def test_anthropic_messages(claude):
+def test_anthropic_messages(claude, tok):
     tools = [{"name": "get_weather", "input_schema": TOOLS[0]["function"]["parameters"]}]
     m = claude.messages.create(
         model="claude-x",
@@ -226,6 +234,12 @@ def test_anthropic_messages(claude):
     ) as stream:
         final = stream.get_final_message()
     assert final.content[1].input == m.content[1].input == {"city": "Paris"}
+    # The same prompt again: all of it before the generation prompt comes from the snapshot
+    # the first request took there (the streamed total arrives in message_delta).
+    total = m.usage.input_tokens + m.usage.cache_read_input_tokens
+    header = len(tok.encode("<|im_start|>assistant\n<think>\n"))
+    assert final.usage.cache_read_input_tokens == total - header
+    assert final.usage.input_tokens == header
     # The budget: the engine forces </think> after 5 tokens of the scripted reasoning.
     b = claude.messages.create(
         model="claude-x",

@@ -1,0 +1,154 @@
+"""Prefix reuse in the serving scheduler: a prompt that starts with what a free slot's cache
+holds prefills only the rest, from the row as its last request left it ("live") or from the
+GDN snapshot taken at the prompt's last boundary token ("snapshot"). Every greedy output equals
+offline `generate` on the whole prompt, and the cache a reused request ends with equals the one
+a whole prefill gives."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwenjax.api import build
+from qwenjax.config import ModelConfig
+from qwenjax.inference.engine import generate
+from qwenjax.inference.sampling import SamplingParams
+from qwenjax.model.cache import DeltaNetCache
+from qwenjax.serve.scheduler import Scheduler, _Kept
+from tests.scheduler_cases import mesh_model
+
+BOUNDARY = 7  # these tests' `<|im_start|>`
+GREEDY = SamplingParams(temperature=0.0, max_tokens=7)
+SETUP = {"slots": 2, "max_length": 160, "prefill_chunk": 16}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build(ModelConfig.from_preset("tiny"), dtype=jnp.float32, seed=4)
+
+
+def collect(handle):
+    """A request's tokens and its last event."""
+    events = list(handle)
+    return [t for e in events for t in e.token_ids], events[-1]
+
+
+def run(scheduler, prompt):
+    return collect(scheduler.submit(prompt, GREEDY))
+
+
+def conversation(scheduler, seed=0):
+    """Four requests that reuse a slot's cache in each way, and one that shares its slots;
+    returns the prompts, their outputs and cached token counts, and the slots' kept records."""
+    rng = np.random.default_rng(seed)
+    rnd = lambda n: [int(t) for t in rng.integers(8, 512, n)]  # never the boundary token
+    prompts, outputs, cached = [], [], []
+
+    def turn(prompt, handle=None):
+        tokens, last = collect(handle or scheduler.submit(prompt, GREEDY))
+        prompts.append(prompt)
+        outputs.append(tokens)
+        cached.append(last.cached_tokens)
+        return tokens
+
+    scheduler.start()
+    try:
+        p1 = [*rnd(29), BOUNDARY, *rnd(3)]
+        out1 = turn(p1)
+        # The next turn extends the whole exchange (live reuse) while another request, with
+        # nothing to reuse, takes the other slot.
+        other = rnd(20)
+        p2 = [*p1, *out1, *rnd(5), BOUNDARY, *rnd(2)]
+        handles = [scheduler.submit(p, GREEDY) for p in (other, p2)]
+        turn(other, handles[0])
+        turn(p2, handles[1])
+        # The history up to the last boundary, then a reply re-rendered differently (snapshot).
+        b2 = len(p2) - 3
+        p3 = [*p2[:b2], BOUNDARY, *rnd(20), BOUNDARY, *rnd(3)]
+        turn(p3)
+        # Diverges before any kept point: prefilled whole.
+        turn([*p3[:10], *rnd(5)])
+    finally:
+        scheduler.stop()
+    return prompts, outputs, cached, b2
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_reused_turns_equal_offline_generate_and_a_whole_prefill(model, k):
+    scheduler = Scheduler(model, **SETUP, num_speculative_tokens=k, boundary_token=BOUNDARY)
+    prompts, outputs, cached, b2 = conversation(scheduler)
+    p1, p3 = prompts[0], prompts[3]
+    assert cached == [0, 0, len(p1) + len(outputs[0]) - 1, b2, 0]
+    expected = generate(model, prompts, 7, num_speculative_tokens=0)
+    for i, out in enumerate(outputs):
+        assert out == expected[i].tolist(), i
+    stats = scheduler.stats()
+    assert stats["prefix_cache_hits_total"] == sum(cached)
+    assert stats["prefix_cache_queries_total"] == sum(map(len, prompts))
+
+    # p3 ran in slot 0 from its snapshot; its row must equal that of a whole prefill of p3.
+    fresh = Scheduler(model, **SETUP, num_speculative_tokens=k, prefix_cache=False)
+    fresh.start()
+    try:
+        tokens, last = run(fresh, p3)  # its first request: slot 0
+        assert tokens == outputs[3] and last.cached_tokens == 0
+    finally:
+        fresh.stop()
+    slot = next(i for i, kept in enumerate(scheduler._kept) if kept.snapshot == p3[: len(p3) - 3])
+    assert_rows_equal(scheduler._state.cache, slot, fresh._state.cache, 0)
+
+
+def assert_rows_equal(cache, row, other, other_row):
+    """Row `row` of `cache` equals row `other_row` of `other` over the slots it holds (fp32;
+    the two were prefilled in different chunks)."""
+    n = int(cache.length[row])
+    assert n == int(other.length[other_row])
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), 2e-5, 2e-6)
+    for mine, theirs in zip(cache.blocks, other.blocks, strict=True):
+        if isinstance(mine, DeltaNetCache):
+            close(mine.state[:, row], theirs.state[:, other_row])
+            close(mine.conv[:, row], theirs.conv[:, other_row])
+        else:  # K/V [NB, B, K, S, H]: the slots written so far
+            close(mine.k[:, row, :, :n], theirs.k[:, other_row, :, :n])
+            close(mine.v[:, row, :, :n], theirs.v[:, other_row, :, :n])
+    if cache.mtp is not None:  # its entry n-1 pairs with the last token, not yet in the trunk
+        close(cache.mtp.k[row, :, :n], other.mtp.k[other_row, :, :n])
+        close(cache.mtp.v[row, :, :n], other.mtp.v[other_row, :, :n])
+
+
+def test_reuse_on_a_mesh_equals_single_device_generate():
+    """The snapshot and the reused rows on 8 CPU devices (fsdp 4 x tensor 2)."""
+    config = ModelConfig.from_preset("tiny")
+    model, mesh = mesh_model(config, seed=4)
+    assert len(jax.tree.leaves(model)[0].sharding.device_set) == 8
+    setup = {**SETUP, "slots": 4}
+    scheduler = Scheduler(model, **setup, boundary_token=BOUNDARY, **mesh)
+    prompts, outputs, cached, b2 = conversation(scheduler, seed=1)
+    assert cached == [0, 0, len(prompts[0]) + len(outputs[0]) - 1, b2, 0]
+    single = build(config, dtype=jnp.float32, seed=4)
+    expected = generate(single, prompts, 7)
+    for i, out in enumerate(outputs):
+        assert out == expected[i].tolist(), i
+
+
+def test_without_prefix_cache_every_prompt_is_prefilled_whole(model):
+    scheduler = Scheduler(model, **SETUP, prefix_cache=False, boundary_token=BOUNDARY)
+    assert scheduler._snap is None  # no snapshot memory either
+    prompts, outputs, cached, _ = conversation(scheduler, seed=2)
+    assert cached == [0] * 5
+    expected = generate(model, prompts, 7)
+    assert outputs == [e.tolist() for e in expected]
+
+
+def test_kept_points_need_the_token_that_followed_them():
+    kept = _Kept(live=[1, 2, 3, 4, 5], snapshot=[1, 2, 7])
+    assert kept.reuse([1, 2, 3, 4, 5, 6]) == (4, "live")
+    assert kept.reuse([1, 2, 3, 4, 5]) == (4, "live")  # one token left to prefill
+    assert kept.reuse([1, 2, 3, 4]) == (0, "reset")  # nothing left: no logits to sample from
+    assert kept.reuse([1, 2, 3, 4, 6, 5]) == (0, "reset")  # MTP's entry 3 pairs with token 5
+    assert kept.reuse([1, 2, 7, 9]) == (2, "snapshot")
+    assert kept.reuse([1, 2, 8, 9]) == (0, "reset")
+    assert _Kept(live=[1, 2, 7, 3], snapshot=[1, 2, 7]).reuse([1, 2, 7, 3, 4]) == (3, "live")
+    assert _Kept().reuse([1, 2, 3]) == (0, "reset")
