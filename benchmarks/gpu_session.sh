@@ -8,6 +8,7 @@
 #   STEPS="decode_attention generate_kernel" bash benchmarks/gpu_session.sh  # xla vs the decode kernel
 #   STEPS="generate serve" bash benchmarks/gpu_session.sh   # issue 7: 27B with random weights
 #   STEPS=scheduler bash benchmarks/gpu_session.sh          # the serving loop: overlap vs serial
+#   STEPS=prefix bash benchmarks/gpu_session.sh             # serving: TTFT with prefix reuse
 #   STEPS=decode_hlo bash benchmarks/gpu_session.sh         # compile only: weights copied per step?
 #   STEPS=serve SERVE_PRESET=tiny SERVE_REQUESTS=8 OUT=/tmp/x bash benchmarks/gpu_session.sh  # CPU dry run
 #
@@ -72,6 +73,11 @@ for step in $STEPS; do
     scheduler) cmd=(python -m benchmarks.scheduler_loop --model qwen3.6-27b --dtype bfloat16
                     --slots 16 --max-length 2048 --prompt-len 512 --new-tokens 128 --repeats 3)
                limit=300 ;;
+    # Multi-turn conversations on the 27B, prefix reuse against whole prefills: two schedulers
+    # of 2 slots x 16384 tokens (KV 2 GiB, GDN state and snapshots 0.3 GiB each) beside 54 GB.
+    prefix) cmd=(python -m benchmarks.prefix_cache --model qwen3.6-27b --dtype bfloat16
+                 --slots 2 --max-length 16384 --system 8192 --turns 4 --user 512 --reply 64 --repeats 2)
+            limit=300 ;;
     serve) serve_27b ; continue ;;
     *) echo "unknown step $step"; continue ;;
   esac
