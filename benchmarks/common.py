@@ -43,6 +43,15 @@ def measure_peaks(matmul: bool = True) -> dict:
     return peaks
 
 
+def add_scheduler_args(p, *, slots: int, max_length: int) -> None:
+    """The model and engine flags of the serving-scheduler benchmarks."""
+    p.add_argument("--model", default="tiny", help="a preset: tiny, qwen3.6-27b, ...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--slots", type=int, default=slots)
+    p.add_argument("--max-length", type=int, default=max_length)
+    p.add_argument("--prefill-chunk", type=int, default=256)
+
+
 def utc_stamp() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%MZ")
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import utc_stamp, write_results
+from benchmarks.common import add_scheduler_args, utc_stamp, write_results
 from benchmarks.scheduler_loop import _host
 from qwenjax.api import build
 from qwenjax.config import ModelConfig
@@ -138,11 +138,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="tiny", help="a preset: tiny, qwen3.6-27b, ...")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--slots", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=4096)
-    p.add_argument("--prefill-chunk", type=int, default=256)
+    add_scheduler_args(p, slots=4, max_length=4096)
     p.add_argument("--system", type=int, default=1024, help="system prompt tokens")
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--user", type=int, default=128, help="tokens of each user turn")

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import utc_stamp, write_results
+from benchmarks.common import add_scheduler_args, utc_stamp, write_results
 from qwenjax.api import build
 from qwenjax.config import ModelConfig
 from qwenjax.inference.sampling import SamplingParams
@@ -136,11 +136,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="tiny", help="a preset: tiny, qwen3.6-27b, ...")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--slots", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--prefill-chunk", type=int, default=256)
+    add_scheduler_args(p, slots=32, max_length=512)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=100)
     p.add_argument("--speculative-tokens", type=int, default=0)
