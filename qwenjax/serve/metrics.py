@@ -99,7 +99,11 @@ _STATS: dict[str, tuple[str, str, str]] = {
     "waiting": ("num_requests_waiting", "gauge", "Requests queued for a slot."),
     "slots": ("num_slots", "gauge", "Decode slots of the engine."),
     "slots_used": ("num_slots_used", "gauge", "Decode slots holding a request."),
-    "prompt_tokens_total": ("prompt_tokens", "counter", "Prefilled prompt tokens."),
+    "prompt_tokens_total": (
+        "prompt_tokens",
+        "counter",
+        "Prompt tokens of submitted requests (reused ones included).",
+    ),
     "generation_tokens_total": ("generation_tokens", "counter", "Generated tokens."),
     "prefix_cache_queries_total": (
         "prefix_cache_queries",
