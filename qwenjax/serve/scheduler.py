@@ -408,6 +408,12 @@ def _read(s: DecodeState, cursor, *, width: int):
     )
 
 
+def _committed(tree):
+    """`tree` committed to the devices and shardings it has (a jit's outputs may be left
+    uncommitted, and an uncommitted input makes the next jit compile once more)."""
+    return jax.device_put(tree, jax.tree.map(lambda x: x.sharding, tree))
+
+
 def _last_index(tokens: list[int], token: int) -> int:
     """Where the last `token` in `tokens` is (0 if none)."""
     try:
@@ -496,9 +502,11 @@ class Scheduler:
         # A GDN state per slot (the snapshot), shaped and sharded like the cache's GDN layers.
         self._snap = None
         if self.boundary_token is not None:
-            self._snap = jax.jit(lambda c: jax.tree.map(jnp.zeros_like, _gdn_only(c.blocks)))(
-                self._state.cache
+            zeros = lambda c: _constrained_snapshot(
+                jax.tree.map(jnp.zeros_like, _gdn_only(c.blocks)), c
             )
+            with self._rules():
+                self._snap = _committed(jax.jit(zeros)(self._state.cache))
             size = sum(x.nbytes for x in jax.tree.leaves(self._snap))
             logger.info(
                 "prefix cache: %d slot snapshots of the GDN states, %.1f MiB", slots, size / 2**20
@@ -513,7 +521,16 @@ class Scheduler:
         self._running = False
         self._ids = itertools.count()
         self._error: BaseException | None = None
-        self.counters = collections.Counter(prefix_cache_queries_total=0, prefix_cache_hits_total=0)
+        # Every key from the start: `stats()` copies them from another thread, and a key added
+        # meanwhile would break its iteration.
+        keys = ["prompt_tokens_total", "generation_tokens_total", "rejected"]
+        keys += ["prefix_cache_queries_total", "prefix_cache_hits_total"]
+        keys += [f"finished_{reason}" for reason in ("stop", "length", "abort")]
+        if self.k:
+            keys += [
+                f"spec_decode_num_{x}_total" for x in ("drafts", "draft_tokens", "accepted_tokens")
+            ]
+        self.counters = collections.Counter(dict.fromkeys(keys, 0))
 
     # -------------------------------------------------------------------------------- device
     def _init_device(self) -> tuple[DecodeState, Requests]:
@@ -537,6 +554,9 @@ class Scheduler:
             cache = init_cache(self.config, b, self.opts.max_length, self.model.dtype, mtp=spec)
             # Every row's rope delta: 0 for text (positions = slots), set by a vision prefill.
             cache = dataclasses.replace(cache, rope_delta=jnp.zeros((b,), jnp.int32))
+            # Born sharded as the steps keep it: replicated, every device held the whole cache
+            # until the first step.
+            cache = jax.tree.map(ax.constrain, cache, logical_axes(cache))
             idle = jnp.zeros((b,), bool)
             return empty_state(
                 cache, width, MAX_TOP_LOGPROBS, v, d, self.model.dtype, self.pad_id, real=idle
@@ -545,7 +565,7 @@ class Scheduler:
         # Committed placement from the start, so the first request's jit signatures equal the
         # later ones (an uncommitted input would recompile every function once more).
         with self._rules():
-            return jax.device_put(fresh(), self._where), jax.device_put(req, self._where)
+            return _committed(fresh()), jax.device_put(req, self._where)
 
     def _rules(self, one_row: bool = False):
         """The mesh rules; `one_row` (a single request's prefill, batch 1) leaves the batch
@@ -706,8 +726,14 @@ class Scheduler:
     def _abort_all(self) -> None:
         for slot in [*self._active.values(), *self._waiting]:
             self._finish(slot, "abort")
-        self._active.clear()
-        self._waiting.clear()
+        for index in self._active:  # their slots are free again, for a later `start`
+            self._kept[index] = _Kept()
+            if self._error is None:  # else the device state may be gone: admission resets it
+                self._state = _release(self._state, jnp.int32(index))
+        with self._lock:
+            self._free.extend(self._active)
+            self._active.clear()
+            self._waiting.clear()
 
     def _wake(self) -> None:
         with self._lock:
@@ -767,8 +793,11 @@ class Scheduler:
             with self._lock:
                 if not self._free or not self._waiting:
                     return
-                slot = self._waiting.popleft()
-                index, keep, mode = self._pick(slot)
+                slot, free = self._waiting.popleft(), list(self._free)
+            # Outside the lock (this thread alone changes `_free`): comparing long prompts with
+            # every free slot's tokens must not hold up `submit`.
+            index, keep, mode = self._pick(slot, free)
+            with self._lock:
                 self._free.remove(index)
                 self._active[index] = slot
             kept = self._kept[index]
@@ -791,12 +820,13 @@ class Scheduler:
                 mode=mode,
             )
 
-    def _pick(self, slot: _Slot) -> tuple[int, int, str]:
-        """The free slot for `slot`'s request: the longest reusable prefix of its prompt, else
-        the slot free the longest; with the tokens it reuses and how."""
-        best = (self._free[0], 0, "reset")
+    def _pick(self, slot: _Slot, free: list[int]) -> tuple[int, int, str]:
+        """The free slot for `slot`'s request, with the tokens it reuses and how: the longest
+        reusable prefix of its prompt, else the slot free the longest (slots never used come
+        first)."""
+        best = (free[0], 0, "reset")
         if self.prefix_cache and not slot.multimodal:
-            for index in self._free:
+            for index in free:
                 keep, mode = self._kept[index].reuse(slot.prompt)
                 if keep > best[1]:
                     best = (index, keep, mode)

@@ -245,3 +245,26 @@ def test_a_stop_that_times_out_leaves_the_loop_to_end_and_abort(model, prompts, 
     assert collect(s.submit(prompts[2], GREEDY))[0] == generate(model, [prompts[2]], 9)[0].tolist()
     s.stop()
     assert s._thread is None and not s.healthy
+
+
+def test_a_restart_after_aborted_requests_has_every_slot(model, prompts):
+    """`stop(drain=False)` aborts the running requests; their slots are free again for the next
+    `start` (they used to stay taken, so a restarted scheduler ran on fewer slots or none)."""
+    s = Scheduler(model, slots=2, max_length=96, prefill_chunk=16)
+    s.start()
+    try:
+        long = SamplingParams(temperature=0.0, max_tokens=80)
+        handles = [s.submit(prompts[i], long) for i in (0, 4)]
+        deadline = time.monotonic() + 120
+        while s.stats()["running"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        s.stop(drain=False)
+        assert [collect(h)[1].finish_reason for h in handles] == ["abort", "abort"]
+        assert sorted(s._free) == [0, 1] and not s._active
+        s.start()
+        handles = [s.submit(p, GREEDY) for p in prompts[2:4]]  # both at once: both slots
+        expected = generate(model, prompts[2:4], 9)
+        assert [collect(h)[0] for h in handles] == [e.tolist() for e in expected]
+        assert s.stats()["finished_abort"] == 2
+    finally:
+        s.stop()

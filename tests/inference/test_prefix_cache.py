@@ -16,6 +16,7 @@ from qwenjax.config import ModelConfig
 from qwenjax.inference.engine import generate
 from qwenjax.inference.sampling import SamplingParams
 from qwenjax.model.cache import DeltaNetCache
+from qwenjax.serve import scheduler as sched
 from qwenjax.serve.scheduler import Scheduler, _Kept
 from tests.scheduler_cases import mesh_model
 
@@ -119,18 +120,31 @@ def assert_rows_equal(cache, row, other, other_row):
 
 
 def test_reuse_on_a_mesh_equals_single_device_generate():
-    """The snapshot and the reused rows on 8 CPU devices (fsdp 4 x tensor 2)."""
+    """The snapshot and the reused rows on 8 CPU devices (fsdp 4 x tensor 2): the cache and the
+    snapshots are born split over the mesh and stay so, and a second conversation compiles
+    nothing new."""
     config = ModelConfig.from_preset("tiny")
     model, mesh = mesh_model(config, seed=4)
     assert len(jax.tree.leaves(model)[0].sharding.device_set) == 8
     setup = {**SETUP, "slots": 4}
     scheduler = Scheduler(model, **setup, boundary_token=BOUNDARY, **mesh)
+    born = jax.tree.map(lambda x: x.sharding, (scheduler._state.cache, scheduler._snap))
+    gdn = [layer.state for layer in scheduler._snap if layer is not None]
+    gdn.append(next(x.state for x in scheduler._state.cache.blocks if isinstance(x, DeltaNetCache)))
+    for state in gdn:  # [NB, B, N, E, H]: slots over fsdp, heads over tensor
+        nb, b, n, e, h = state.shape
+        assert {s.data.shape for s in state.addressable_shards} == {(nb, b // 4, n // 2, e, h)}
     prompts, outputs, cached, b2 = conversation(scheduler, seed=1)
     assert cached == [0, 0, len(prompts[0]) + len(outputs[0]) - 1, b2, 0]
     single = build(config, dtype=jnp.float32, seed=4)
     expected = generate(single, prompts, 7)
     for i, out in enumerate(outputs):
         assert out == expected[i].tolist(), i
+    assert jax.tree.map(lambda x: x.sharding, (scheduler._state.cache, scheduler._snap)) == born
+    compiled = lambda: [f._cache_size() for f in (sched._admit, sched._snapshot, sched._decode)]
+    before = compiled()
+    conversation(scheduler, seed=3)
+    assert compiled() == before
 
 
 def test_without_prefix_cache_every_prompt_is_prefilled_whole(model):

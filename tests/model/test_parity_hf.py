@@ -64,8 +64,11 @@ def test_packed_documents_equal_separate_runs(hf_checkpoint):
     out = np.asarray(model(packed, segment_ids=segments))[0]
     alone_a = np.asarray(model(jnp.asarray(a[None])))[0]
     alone_b = np.asarray(model(jnp.asarray(b[None])))[0]
-    assert rel_err(out[:45], alone_a) < 1e-5
-    assert rel_err(out[45:], alone_b) < 1e-5
+    # The project's fp32 bound: packed and alone differ in shapes (chunk padding, matmul tiling),
+    # which moved the first document by 1.1e-5 on one of CI's CPU kinds; a state leaking across
+    # the segment boundary moves the second by ~1 (measured without segment ids: 1.07).
+    assert rel_err(out[:45], alone_a) < 1e-4
+    assert rel_err(out[45:], alone_b) < 1e-4
 
 
 def test_left_padding_as_segment_matches_transformers_unpadded(hf_checkpoint):
