@@ -491,7 +491,7 @@ class Scheduler:
         )
         if mesh is None:
             self._where = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        else:  # replicated to begin with; the rules' constraints shard the cache inside the step
+        else:  # the requests' options (small), replicated; the cache is born sharded
             self._where = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         # The host copy of `Requests.allowed`; `_dirty`: it changed since the last upload.
         self._allowed = all_allowed(slots, self.config.vocab_size)
