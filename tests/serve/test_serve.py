@@ -197,6 +197,32 @@ def test_tool_round_trip_and_thinking(server, oai, tok):
     assert (off.content, off.reasoning_content) == ("Plain.", None)
 
 
+def test_chat_turns_reuse_the_history_before_the_last_reply(oai, tok):
+    """With thinking on, the template drops the last reply's reasoning once the user speaks
+    again, so the live row does not match; the snapshot taken at the generation prompt does:
+    all of the first prompt but its generation header is reused."""
+    messages = [{"role": "system", "content": "Be brief. " * 12}, *USER]
+    first = oai.chat.completions.create(
+        model="tiny-qwen", messages=messages, max_tokens=50, extra_body=forced(ANSWER)
+    )
+    reply = first.choices[0].message
+    messages += [
+        {
+            "role": "assistant",
+            "content": reply.content,
+            "reasoning_content": reply.reasoning_content,
+        },
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    second = oai.chat.completions.create(
+        model="tiny-qwen", messages=messages, max_tokens=50, extra_body=forced(ANSWER)
+    )
+    header = len(tok.encode("<|im_start|>assistant\n<think>\n"))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - header
+    assert second.choices[0].message.content == "It is sunny."
+
+
 def test_responses_routes(oai):
     r = oai.responses.create(
         model="tiny-qwen", input="Hi", max_output_tokens=100, extra_body=forced(ANSWER)
