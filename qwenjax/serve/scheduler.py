@@ -71,6 +71,7 @@ from qwenjax.inference.engine import (
     Options,
     Requests,
     StaticGraph,
+    _constrain_cache,
     _decode,
     _emit,
     _host,
@@ -556,7 +557,7 @@ class Scheduler:
             cache = dataclasses.replace(cache, rope_delta=jnp.zeros((b,), jnp.int32))
             # Born sharded as the steps keep it: replicated, every device held the whole cache
             # until the first step.
-            cache = jax.tree.map(ax.constrain, cache, logical_axes(cache))
+            cache = _constrain_cache(cache)
             idle = jnp.zeros((b,), bool)
             return empty_state(
                 cache, width, MAX_TOP_LOGPROBS, v, d, self.model.dtype, self.pad_id, real=idle
@@ -1015,12 +1016,12 @@ class Scheduler:
         """`held`: the tokens the row's cache holds, when the row is done on the device."""
         slot = self._active.pop(index)
         self._state = _release(self._state, jnp.int32(index))
-        known = slot.prompt + slot.outputs
         # Speculation may have put tokens past a stop token into the cache: not reusable then.
         # Nor is a prompt with images (positions past an image are not slots).
-        reusable = held is not None and held < len(known) and reason != "abort"
+        known = len(slot.prompt) + len(slot.outputs)
+        reusable = held is not None and held < known and reason != "abort"
         if self.prefix_cache and reusable and not slot.multimodal:
-            self._kept[index].live = known[: held + 1]
+            self._kept[index].live = (slot.prompt + slot.outputs)[: held + 1]
         with self._lock:
             self._free.append(index)
         self._finish(slot, reason)
