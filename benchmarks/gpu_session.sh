@@ -25,8 +25,8 @@ fi
 # vocabulary (the tiny one: prompts are token ids); 32 slots x 2048 tokens of KV cache (4 GiB)
 # and GDN state (4.6 GiB) fit an 80 GB H100 beside the weights. Needs starlette, uvicorn,
 # prometheus-client, llguidance and openai importable (carry wheels in .whl/ if the image lacks
-# them). Random prompts never share a prefix, so --no-prefix-cache: its snapshots (one GDN state
-# per slot, 4.6 GiB more) would buy nothing here.
+# them). Random prompts never share a prefix, so --no-prefix-cache: its snapshots (two GDN states
+# per slot, 9.2 GiB more) would buy nothing here.
 serve_27b() {
   local port=8321 log="$OUT/serve.log"
   python -c "from qwenjax.testing.tiny_data import save_tiny_tokenizer as s; s('/tmp/qwenjax-tok')"
@@ -74,7 +74,7 @@ for step in $STEPS; do
                     --slots 16 --max-length 2048 --prompt-len 512 --new-tokens 128 --repeats 3)
                limit=300 ;;
     # Multi-turn conversations on the 27B, prefix reuse against whole prefills: two schedulers
-    # of 2 slots x 16384 tokens (KV 2 GiB, GDN state and snapshots 0.3 GiB each) beside 54 GB.
+    # of 2 slots x 16384 tokens (KV 2 GiB, GDN state 0.3 GiB, snapshots 0.6 GiB) beside 54 GB.
     prefix) cmd=(python -m benchmarks.prefix_cache --model qwen3.6-27b --dtype bfloat16
                  --slots 2 --max-length 16384 --system 8192 --turns 4 --user 512 --reply 64 --repeats 2)
             limit=300 ;;

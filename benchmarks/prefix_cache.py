@@ -16,15 +16,23 @@ history:
             snapshot taken at the last turn's header is reused, the reply and the new turn are
             prefilled
 
+and a third kind is `--turns` users (at most `--slots`), each starting a conversation with the
+same system prompt:
+
+    users   each user's first prompt is sent once the previous user's first token is out (that
+            reply still running): the snapshot taken where the system prompt ends is copied from
+            the previous user's slot, only the user turn is prefilled
+
 Two schedulers over the same weights run the same conversations, one with `prefix_cache=False`.
 Reported per kind and scheduler: the median time to first token of each turn over `--repeats`
 conversations (after one that compiles), the prompt tokens prefilled, and the speed-up of the
-last turn, whose history is the longest.
+last turn, whose history is the longest (of users: the last user's).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
 
@@ -60,6 +68,19 @@ def conversation(scheduler, args, rng, kind: str, params) -> list[dict]:
     header = [BOUNDARY, *rnd(2)]
     history = rnd(args.system)
     turns = []
+    if kind == "users":
+        running = []
+        for _ in range(min(args.turns, args.slots)):  # more would wait for a slot
+            prompt = [*history, BOUNDARY, *rnd(args.user), *header]
+            t0 = time.perf_counter()
+            events = iter(scheduler.submit(prompt, params))
+            first = next(e for e in events if e.token_ids)
+            seconds = time.perf_counter() - t0
+            turns.append({"prompt": len(prompt), "cached": first.cached_tokens, "ttft_s": seconds})
+            running.append(events)
+        for events in running:  # the replies end
+            collections.deque(events, maxlen=0)
+        return turns
     for _ in range(args.turns):
         prompt = [*history, BOUNDARY, *rnd(args.user), *header]
         seconds, reply, cached = _ttft(scheduler, prompt, params)
@@ -88,9 +109,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         s.start()
     try:
         for i in range(args.repeats + 1):  # conversation 0 compiles
-            for kind in ("tools", "chat"):
+            for j, kind in enumerate(("tools", "chat", "users")):
                 for name, scheduler in schedulers.items():
-                    rng = np.random.default_rng(i)  # the same conversation for both
+                    # The same conversation for both; a system prompt of its own for each kind.
+                    rng = np.random.default_rng([i, j])
                     turns = conversation(scheduler, args, rng, kind, params)
                     if i:
                         results.setdefault((kind, name), []).append(turns)
@@ -99,7 +121,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             s.stop(drain=False)
     rows = []
     for (kind, name), runs in results.items():
-        ttft = [statistics.median(r[t]["ttft_s"] for r in runs) for t in range(args.turns)]
+        ttft = [statistics.median(r[t]["ttft_s"] for r in runs) for t in range(len(runs[0]))]
         rows.append(
             {
                 "kind": kind,
@@ -107,7 +129,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "model": args.model,
                 "dtype": args.dtype,
                 "device": jax.devices()[0].device_kind,
-                "turns": args.turns,
+                "turns": len(runs[0]),
                 "prompt_tokens": [t["prompt"] for t in runs[0]],
                 "cached_tokens": [t["cached"] for t in runs[0]],
                 "ttft_s": ttft,

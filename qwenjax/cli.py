@@ -89,8 +89,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens prefilled per engine step (default 256)")  # fmt: skip
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="prefill every prompt whole; by default a prompt that starts with what "
-                        "a free slot's cache holds (the previous turn of a chat or tool loop) "
-                        "prefills only the rest, for one GDN state copy per slot")  # fmt: skip
+                        "a slot's cache holds (the previous turn of a chat or tool loop, or a "
+                        "system prompt another conversation sent) prefills only the rest, for two "
+                        "GDN state copies per slot")  # fmt: skip
     p.add_argument("--max-waiting", type=int, default=256,
                    help="queued requests before 429 / 529 (default 256)")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=30.0,

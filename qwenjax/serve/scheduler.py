@@ -27,17 +27,22 @@ prefill chunk, which also lays out the whole prompt's embeddings and mRoPE posit
 an image. The prompt's rope delta goes into the slot's cache row, so decoding (plain or MTP)
 continues at slot + delta; admission resets it to 0, the delta of text.
 
-Prefix reuse: a free slot still holds what its last request left in the cache, and a new
-prompt that starts with it prefills only the rest. A Gated DeltaNet state cannot be cut back
-to an earlier position, so a slot offers two exact points: `live`, the row as its request
-ended (the prompt and reply: a tool loop or a chat without reasoning re-sends them verbatim),
-and `snapshot`, a copy of its GDN states taken where the prompt's last `boundary_token`
+Prefix reuse: a slot still holds what its last request left in the cache, and a new prompt
+that starts with it prefills only the rest. A Gated DeltaNet state cannot be cut back to an
+earlier position, so a slot offers three exact points: `live`, the row as its request ended
+(the prompt and reply: a tool loop or a chat without reasoning re-sends them verbatim);
+`snapshot`, a copy of its GDN states taken where the prompt's last `boundary_token`
 (`<|im_start|>`: the generation prompt) begins, so that the next turn reuses the whole history
 before the last reply even when the template re-renders that reply differently (Qwen3.6 drops
-earlier turns' reasoning). Attention K/V need no copy: they are written by position, and a
-request writes only past the point it reuses. A point counts only if the prompt also has the
-token that followed it, since the MTP cache's entry there pairs with that token. Admission
-takes the free slot with the longest reusable prefix, else the one free the longest.
+earlier turns' reasoning); and `system`, a second copy taken at the prompt's first boundary
+token after its start, where the system message (with the tools) ends, if that is at least a
+prefill chunk in (else an extra prefill call costs more than it saves). Attention K/V need no
+copy for reuse in place: they are written by position, and a request writes only past the
+point it reuses. A point counts only if the prompt also has the token that followed it, since
+the MTP cache's entry there pairs with that token. Admission takes the free slot with the
+longest reusable prefix; a snapshot held by a busy slot that covers more is copied (its GDN
+states, its K/V row and both its snapshots) into the slot free the longest, so conversations
+that share a system prompt share its prefill across slots.
 
 Finished and cancelled requests free their slot at once. Shapes never depend on the requests
 (prefill chunks are bucketed to powers of two, and so are a vision prompt's patches and width),
@@ -186,26 +191,47 @@ class _Slot:
     prepared: vision_prompt.PromptVision | None = None  # their tower output, during prefill
     multimodal: bool = False
     cached: int = 0  # prompt tokens reused from the slot's cache (not prefilled)
-    snapshot_at: int = 0  # take the slot's snapshot once the prompt is prefilled this far
+    # Snapshot points: once the prompt is prefilled this far, the slot's snapshot of that name
+    snapshot_at: dict[int, str] = dataclasses.field(default_factory=dict)
     outputs: list[int] = dataclasses.field(default_factory=list)  # published tokens
 
 
 @dataclasses.dataclass
 class _Kept:
-    """What a free slot's cache still holds: the tokens before each reusable point, plus the
-    token that followed it (see the module docstring)."""
+    """What a slot's cache still holds: the tokens before each reusable point, plus the token
+    that followed it (see the module docstring)."""
 
     live: list[int] | None = None  # the row as its request ended: L processed tokens, then 1
-    snapshot: list[int] | None = None  # the snapshot's b tokens, then 1
+    # The snapshots' b tokens, then 1: at the prompt's first boundary after its start (the end
+    # of the system message) and at its last (the generation prompt).
+    system: list[int] | None = None
+    snapshot: list[int] | None = None
 
-    def reuse(self, prompt: list[int]) -> tuple[int, str]:
-        """(tokens of `prompt` the slot holds, "live" | "snapshot"), or (0, "reset")."""
+    def reuse(self, prompt: list[int], copy: bool = False) -> tuple[int, str]:
+        """(tokens of `prompt` the slot holds, "live" | "system" | "snapshot"), or (0, "reset");
+        `copy`: only what another slot can copy (the snapshots: a live row is never copied)."""
         best = (0, "reset")
-        for mode, kept in (("snapshot", self.snapshot), ("live", self.live)):
+        kinds = (("system", self.system), ("snapshot", self.snapshot))
+        for mode, kept in kinds if copy else (*kinds, ("live", self.live)):
             n = 0 if kept is None else len(kept)
-            if n > 1 + best[0] and len(prompt) >= n and prompt[:n] == kept:
+            # The last token first: most records differ there, and a long comparison runs on
+            # the loop thread, between steps of every stream.
+            if (
+                n > 1 + best[0]
+                and len(prompt) >= n
+                and prompt[n - 1] == kept[-1]
+                and prompt[:n] == kept
+            ):
                 best = (n - 1, mode)
         return best
+
+    def keep_only(self, keep: int) -> None:
+        """The row is rewritten from slot `keep` on: forget the points past it."""
+        self.live = None
+        if self.system is not None and len(self.system) - 1 > keep:
+            self.system = None
+        if self.snapshot is not None and len(self.snapshot) - 1 > keep:
+            self.snapshot = None
 
 
 # ------------------------------------------------------------------------------ device functions
@@ -272,18 +298,41 @@ def _restored(row: Cache, snap: tuple, slot) -> Cache:
     return dataclasses.replace(row, blocks=blocks)
 
 
-@functools.partial(jax.jit, static_argnames=("mode",), donate_argnames=("s", "req"))
+def _copy_snapshot(snap: tuple, slot, source) -> tuple:
+    """Slot `source`'s entry of the snapshot stacks copied into slot `slot`'s."""
+    return jax.tree.map(lambda x: _put(x, _take(x, source, 1), slot, 1), snap)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("mode", "point"), donate_argnames=("s", "req", "snaps")
+)
 def _admit(
-    s: DecodeState, req: Requests, slot, row_req: Requests, keep, snap, *, mode: str
-) -> tuple[DecodeState, Requests]:
+    s: DecodeState,
+    req: Requests,
+    snaps: dict[str, tuple] | None,
+    slot,
+    source,
+    row_req: Requests,
+    keep,
+    *,
+    mode: str,
+    point: str | None,
+) -> tuple[DecodeState, Requests, dict[str, tuple] | None]:
     """Give slot `slot` a new request's options; its cache row holds the first `keep` tokens of
-    the prompt: none ("reset"), the row as it is ("live"), or the row's snapshot ("snapshot")."""
+    the prompt: none ("reset"), the row as it is ("live"), the row's snapshot `snaps[point]`
+    ("snapshot"), or slot `source`'s snapshot and K/V ("copy": its snapshots become the slot's
+    too)."""
     req = jax.tree.map(lambda x, r: _put(x, r, slot, 0), req, row_req)
     row = _cache_row(s.cache, slot)
     if mode == "reset":
         row = _empty_row(row)
     elif mode == "snapshot":
-        row = _restored(row, snap, slot)
+        row = _restored(row, snaps[point], slot)
+    elif mode == "copy":
+        # Its K/V past `keep` are stale but never read (the request writes them first).
+        row = _restored(_cache_row(s.cache, source), snaps[point], source)
+        snaps = {name: _copy_snapshot(snap, slot, source) for name, snap in snaps.items()}
+        snaps = {name: _constrained_snapshot(snap, s.cache) for name, snap in snaps.items()}
     row = dataclasses.replace(
         row, length=jnp.full_like(row.length, keep), rope_delta=jnp.zeros_like(row.rope_delta)
     )
@@ -301,7 +350,7 @@ def _admit(
         accepted=zero(s.accepted),
         real=_put(s.real, jnp.ones((1,), bool), slot, 0),
     )
-    return s, req
+    return s, req, snaps
 
 
 @functools.partial(jax.jit, donate_argnames=("snap",))
@@ -423,6 +472,24 @@ def _last_index(tokens: list[int], token: int) -> int:
         return 0
 
 
+def _snapshot_points(
+    prompt: list[int], boundary: int, keep: int, min_system: int = 0
+) -> dict[int, str]:
+    """Where a prompt's prefill takes snapshots, past `keep`: at its first `boundary` token
+    after its start ("system": the system message ends there, so every conversation with the
+    same system prompt and tools shares it), if that is `min_system` tokens in, and at its last
+    ("snapshot": the generation prompt)."""
+    last = _last_index(prompt, boundary)
+    try:
+        first = prompt.index(boundary, 1)
+    except ValueError:
+        first = 0
+    if first < min_system:  # a prefill call more would cost more than the tokens it saves
+        first = 0
+    points = {first: "system", last: "snapshot"}  # one point: the last
+    return {at: name for at, name in points.items() if at > keep}
+
+
 def _bucket(n: int, limit: int) -> int:
     return min(limit, max(16, 1 << (n - 1).bit_length()))
 
@@ -500,17 +567,22 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         self.boundary_token = boundary_token if prefix_cache else None
         self._state, self._req = self._init_device()
-        # A GDN state per slot (the snapshot), shaped and sharded like the cache's GDN layers.
-        self._snap = None
+        # Two GDN states per slot (the snapshots at the system and the last point), shaped and
+        # sharded like the cache's GDN layers.
+        self._snaps: dict[str, tuple] | None = None
         if self.boundary_token is not None:
             zeros = lambda c: _constrained_snapshot(
                 jax.tree.map(jnp.zeros_like, _gdn_only(c.blocks)), c
             )
             with self._rules():
-                self._snap = _committed(jax.jit(zeros)(self._state.cache))
-            size = sum(x.nbytes for x in jax.tree.leaves(self._snap))
+                self._snaps = _committed(
+                    {name: jax.jit(zeros)(self._state.cache) for name in ("system", "snapshot")}
+                )
+            size = sum(x.nbytes for x in jax.tree.leaves(self._snaps))
             logger.info(
-                "prefix cache: %d slot snapshots of the GDN states, %.1f MiB", slots, size / 2**20
+                "prefix cache: 2 x %d slot snapshots of the GDN states, %.1f MiB",
+                slots,
+                size / 2**20,
             )
         self._kept = [_Kept() for _ in range(slots)]
         self._free = collections.deque(range(slots))
@@ -725,7 +797,10 @@ class Scheduler:
         self._abort_all()
 
     def _abort_all(self) -> None:
-        for slot in [*self._active.values(), *self._waiting]:
+        with self._lock:  # `submit` appends to the queue from other threads
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for slot in [*self._active.values(), *waiting]:
             self._finish(slot, "abort")
         for index in self._active:  # their slots are free again, for a later `start`
             self._kept[index] = _Kept()
@@ -734,7 +809,6 @@ class Scheduler:
         with self._lock:
             self._free.extend(self._active)
             self._active.clear()
-            self._waiting.clear()
 
     def _wake(self) -> None:
         with self._lock:
@@ -794,43 +868,58 @@ class Scheduler:
             with self._lock:
                 if not self._free or not self._waiting:
                     return
-                slot, free = self._waiting.popleft(), list(self._free)
+                slot, free, busy = self._waiting.popleft(), list(self._free), list(self._active)
             # Outside the lock (this thread alone changes `_free`): comparing long prompts with
-            # every free slot's tokens must not hold up `submit`.
-            index, keep, mode = self._pick(slot, free)
+            # every slot's tokens must not hold up `submit`.
+            index, source, keep, mode = self._pick(slot, free, busy)
             with self._lock:
                 self._free.remove(index)
                 self._active[index] = slot
-            kept = self._kept[index]
-            kept.live = None  # the row changes from here on
-            if mode == "reset":
-                kept.snapshot = None  # the prefill overwrites the K/V it relied on
+            point = None
+            if mode in ("system", "snapshot"):  # the slot's own snapshot
+                point, mode = mode, "snapshot"
+            elif mode.startswith("copy:"):
+                point, mode = mode[5:], "copy"
+                source_kept = self._kept[source]
+                self._kept[index] = _Kept(system=source_kept.system, snapshot=source_kept.snapshot)
+            self._kept[index].keep_only(keep)
             slot.prefilled = slot.cached = keep
             if self.boundary_token is not None and not slot.multimodal:
-                at = _last_index(slot.prompt, self.boundary_token)
-                slot.snapshot_at = at if at > keep else 0
+                slot.snapshot_at = _snapshot_points(
+                    slot.prompt, self.boundary_token, keep, min_system=self.prefill_chunk
+                )
             self.counters["prefix_cache_queries_total"] += len(slot.prompt)
             self.counters["prefix_cache_hits_total"] += keep
-            self._state, self._req = _admit(
+            self._state, self._req, self._snaps = _admit(
                 self._state,
                 self._req,
+                self._snaps,
                 jnp.int32(index),
+                jnp.int32(source),
                 self._row_request(index, slot),
                 jnp.int32(keep),
-                self._snap if mode == "snapshot" else None,
                 mode=mode,
+                point=point,
             )
 
-    def _pick(self, slot: _Slot, free: list[int]) -> tuple[int, int, str]:
-        """The free slot for `slot`'s request, with the tokens it reuses and how: the longest
-        reusable prefix of its prompt, else the slot free the longest (slots never used come
-        first)."""
-        best = (free[0], 0, "reset")
-        if self.prefix_cache and not slot.multimodal:
-            for index in free:
-                keep, mode = self._kept[index].reuse(slot.prompt)
-                if keep > best[1]:
-                    best = (index, keep, mode)
+    def _pick(self, slot: _Slot, free: list[int], busy: list[int]) -> tuple[int, int, int, str]:
+        """The free slot for `slot`'s request, the slot whose cache it reuses, the tokens it
+        reuses and how: the longest reusable prefix of its prompt, held by a free slot itself
+        or copied from a busy slot's snapshot into the slot free the longest (slots never used
+        come first); else no reuse, in that slot."""
+        best = (free[0], free[0], 0, "reset")
+        if not self.prefix_cache or slot.multimodal:
+            return best
+        for index in free:
+            keep, mode = self._kept[index].reuse(slot.prompt)
+            if keep > best[2]:
+                best = (index, index, keep, mode)
+        if self._snaps is not None:  # a copy must beat reuse in place
+            # Busy slots only (never the target): a free one offers in place what it could copy.
+            for source in busy:
+                keep, mode = self._kept[source].reuse(slot.prompt, copy=True)
+                if keep > best[2]:
+                    best = (free[0], source, keep, f"copy:{mode}")
         return best
 
     def _step(self) -> None:
@@ -890,8 +979,8 @@ class Scheduler:
         slot = self._active[index]
         lo = slot.prefilled
         hi = min(len(slot.prompt), lo + self.prefill_chunk)
-        if lo < slot.snapshot_at < hi:  # a chunk ends where the snapshot is taken
-            hi = slot.snapshot_at
+        # A chunk ends where a snapshot is taken.
+        hi = min([hi, *(at for at in slot.snapshot_at if lo < at)])
         n = hi - lo
         width = _bucket(n, self.prefill_chunk)
         ids = np.full((1, width), self.pad_id, np.int32)
@@ -928,9 +1017,12 @@ class Scheduler:
                 last=last,
             )
         slot.prefilled = hi
-        if hi == slot.snapshot_at:
-            self._snap = _snapshot(self._snap, self._state, jnp.int32(index))
-            self._kept[index].snapshot = slot.prompt[: hi + 1]
+        name = slot.snapshot_at.get(hi)
+        if name is not None:
+            snaps = dict(self._snaps)
+            snaps[name] = _snapshot(snaps[name], self._state, jnp.int32(index))
+            self._snaps = snaps
+            setattr(self._kept[index], name, slot.prompt[: hi + 1])
         if last:  # free the pixels and the prompt's embeddings
             slot.vision = slot.prepared = None
 

@@ -6,6 +6,8 @@ a whole prefill gives."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,6 +103,86 @@ def test_reused_turns_equal_offline_generate_and_a_whole_prefill(model, k):
     assert_rows_equal(scheduler._state.cache, slot, fresh._state.cache, 0)
 
 
+def drive(scheduler, until):
+    """Run the scheduler's loop on this thread, so admissions happen exactly when the test
+    says, until `until()`."""
+    with scheduler._rules():
+        for _ in range(2000):
+            if until():
+                return
+            scheduler._cancel_requested()
+            scheduler._admit()
+            scheduler._step()
+    raise AssertionError("the scheduler made no progress")
+
+
+def shared_system(scheduler, seed):
+    """Three conversations with one system prompt: while the first still decodes, a second
+    copies its system snapshot and a third (its prompt again) its last snapshot; once all are
+    done, a fourth reuses the system snapshot in place. Returns the prompts, the outputs, the
+    cached token counts, the slot each ran in and the cache the first three left."""
+    rng = np.random.default_rng(seed)
+    rnd = lambda n: [int(t) for t in rng.integers(8, 512, n)]  # never the boundary token
+    system = [BOUNDARY, *rnd(24)]
+    turn = lambda: [BOUNDARY, *rnd(6), BOUNDARY, *rnd(2)]
+    a = [*system, *turn()]
+    prompts = [a, [*system, *turn()], a, [*system, *turn()]]
+    handles = [scheduler.submit(a, dataclasses.replace(GREEDY, max_tokens=40))]
+    drive(scheduler, lambda: any(s.delivered for s in scheduler._active.values()))
+    handles += [scheduler.submit(p, GREEDY) for p in prompts[1:3]]
+    with scheduler._rules():
+        scheduler._admit()
+    where = {s.handle: i for i, s in scheduler._active.items()}
+    assert len(where) == 3  # the first is still decoding
+    slots = [where[h] for h in handles]
+    # The copies' records: the system copy drops the last point, which lies past what it reuses.
+    kept = [scheduler._kept[i] for i in slots]
+    assert kept[1] == sched._Kept(system=a[:26])
+    assert kept[2] == sched._Kept(system=a[:26], snapshot=a[: len(a) - 2])
+    drive(scheduler, lambda: not scheduler._active)
+    cache = jax.device_get(scheduler._state.cache)
+    handles.append(scheduler.submit(prompts[3], GREEDY))
+    with scheduler._rules():
+        scheduler._admit()
+    slots.append(next(iter(scheduler._active)))
+    drive(scheduler, lambda: not scheduler._active)
+    results = [collect(h) for h in handles]
+    outputs = [tokens for tokens, _ in results]
+    cached = [last.cached_tokens for _, last in results]
+    return prompts, outputs, cached, slots, cache
+
+
+def equal_generate(model, prompts, outputs):
+    expected = generate(model, prompts, max(map(len, outputs)))
+    for i, out in enumerate(outputs):
+        assert out == expected[i][: len(out)].tolist(), i
+
+
+def test_a_system_prompt_is_shared_across_slots(model):
+    """With MTP (k = 2), so the MTP cache's rows are copied too."""
+    setup = {**SETUP, "slots": 3, "num_speculative_tokens": 2}
+    scheduler = Scheduler(model, **setup, boundary_token=BOUNDARY)
+    prompts, outputs, cached, slots, cache = shared_system(scheduler, seed=5)
+    system, last = 25, len(prompts[0]) - 3
+    assert cached == [0, system, last, system]
+    assert list(map(len, outputs)) == [40, 7, 7, 7]
+    equal_generate(model, prompts, outputs)
+    # The copies' rows (GDN states, K/V, MTP K/V) equal whole prefills of their prompts.
+    # The fourth reuses, in place, a system snapshot that came with a copy.
+    assert slots[3] in slots[1:3]
+    fresh = Scheduler(model, **setup, prefix_cache=False)
+    fresh.start()
+    try:
+        for p, out in zip(prompts[1:], outputs[1:], strict=True):  # slots 0, 1, 2
+            assert run(fresh, p)[0] == out
+    finally:
+        fresh.stop()
+    ours = [(cache, slots[1]), (cache, slots[2]), (scheduler._state.cache, slots[3])]
+    for row, ((mine, slot), theirs) in enumerate(zip(ours, (0, 1, 2), strict=True)):
+        assert slot != slots[0], row
+        assert_rows_equal(mine, slot, fresh._state.cache, theirs)
+
+
 def assert_rows_equal(cache, row, other, other_row):
     """Row `row` of `cache` equals row `other_row` of `other` over the slots it holds (fp32;
     the two were prefilled in different chunks)."""
@@ -120,16 +202,16 @@ def assert_rows_equal(cache, row, other, other_row):
 
 
 def test_reuse_on_a_mesh_equals_single_device_generate():
-    """The snapshot and the reused rows on 8 CPU devices (fsdp 4 x tensor 2): the cache and the
-    snapshots are born split over the mesh and stay so, and a second conversation compiles
-    nothing new."""
+    """The snapshots, the reused rows and the copies between slots on 8 CPU devices (fsdp 4 x
+    tensor 2): the cache and the snapshots are born split over the mesh and stay so, and the
+    second round of conversations compiles nothing new."""
     config = ModelConfig.from_preset("tiny")
     model, mesh = mesh_model(config, seed=4)
     assert len(jax.tree.leaves(model)[0].sharding.device_set) == 8
     setup = {**SETUP, "slots": 4}
     scheduler = Scheduler(model, **setup, boundary_token=BOUNDARY, **mesh)
-    born = jax.tree.map(lambda x: x.sharding, (scheduler._state.cache, scheduler._snap))
-    gdn = [layer.state for layer in scheduler._snap if layer is not None]
+    born = jax.tree.map(lambda x: x.sharding, (scheduler._state.cache, scheduler._snaps))
+    gdn = [x.state for snap in scheduler._snaps.values() for x in snap if x is not None]
     gdn.append(next(x.state for x in scheduler._state.cache.blocks if isinstance(x, DeltaNetCache)))
     for state in gdn:  # [NB, B, N, E, H]: slots over fsdp, heads over tensor
         nb, b, n, e, h = state.shape
@@ -140,16 +222,21 @@ def test_reuse_on_a_mesh_equals_single_device_generate():
     expected = generate(single, prompts, 7)
     for i, out in enumerate(outputs):
         assert out == expected[i].tolist(), i
-    assert jax.tree.map(lambda x: x.sharding, (scheduler._state.cache, scheduler._snap)) == born
+    # Copies between slots on different devices.
+    prompts, outputs, cached, _, _ = shared_system(scheduler, seed=1)
+    assert cached == [0, 25, len(prompts[0]) - 3, 25]
+    equal_generate(single, prompts, outputs)
+    assert jax.tree.map(lambda x: x.sharding, (scheduler._state.cache, scheduler._snaps)) == born
     compiled = lambda: [f._cache_size() for f in (sched._admit, sched._snapshot, sched._decode)]
     before = compiled()
     conversation(scheduler, seed=3)
+    shared_system(scheduler, seed=3)
     assert compiled() == before
 
 
 def test_without_prefix_cache_every_prompt_is_prefilled_whole(model):
     scheduler = Scheduler(model, **SETUP, prefix_cache=False, boundary_token=BOUNDARY)
-    assert scheduler._snap is None  # no snapshot memory either
+    assert scheduler._snaps is None  # no snapshot memory either
     prompts, outputs, cached, _ = conversation(scheduler, seed=2)
     assert cached == [0] * 5
     expected = generate(model, prompts, 7)
@@ -166,3 +253,28 @@ def test_kept_points_need_the_token_that_followed_them():
     assert kept.reuse([1, 2, 8, 9]) == (0, "reset")
     assert _Kept(live=[1, 2, 7, 3], snapshot=[1, 2, 7]).reuse([1, 2, 7, 3, 4]) == (3, "live")
     assert _Kept().reuse([1, 2, 3]) == (0, "reset")
+
+
+def test_the_system_point_and_what_an_admission_keeps():
+    kept = _Kept(
+        live=[7, 1, 2, 7, 3, 4, 7, 5, 6], system=[7, 1, 2, 7], snapshot=[7, 1, 2, 7, 3, 4, 7]
+    )
+    assert kept.reuse([7, 1, 2, 7, 5]) == (3, "system")
+    assert kept.reuse([7, 1, 2, 7, 3, 4, 7, 8]) == (6, "snapshot")
+    assert kept.reuse([7, 1, 2, 7, 3, 4, 7, 5, 6, 9]) == (8, "live")
+    assert kept.reuse([7, 1, 2, 7, 3, 4, 7, 5, 6, 9], copy=True) == (6, "snapshot")  # not live
+    assert kept.reuse([7, 1, 3]) == (0, "reset")
+    kept.keep_only(6)  # a request that reuses the last snapshot: its row changes after slot 6
+    assert (kept.live, kept.system, kept.snapshot) == (None, [7, 1, 2, 7], [7, 1, 2, 7, 3, 4, 7])
+    kept.keep_only(3)  # the system point: the last snapshot's K/V are rewritten
+    assert (kept.system, kept.snapshot) == ([7, 1, 2, 7], None)
+    kept.keep_only(0)
+    assert kept == _Kept()
+    points = lambda prompt, keep=0, least=0: sched._snapshot_points(prompt, 7, keep, least)
+    assert points([7, 1, 2, 7, 3, 7, 4]) == {3: "system", 5: "snapshot"}
+    assert points([7, 1, 2, 7, 3, 7, 4], keep=3) == {5: "snapshot"}
+    assert points([7, 1, 2, 7, 3, 7, 4], keep=5) == {}
+    assert points([1, 2, 7, 3]) == {2: "snapshot"}
+    assert points([7, 1, 2]) == points([1, 2]) == {}
+    assert points([7, 1, 2, 7, 3, 7, 4], least=3) == {3: "system", 5: "snapshot"}
+    assert points([7, 1, 2, 7, 3, 7, 4], least=4) == {5: "snapshot"}  # too short to pay

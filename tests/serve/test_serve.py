@@ -223,6 +223,28 @@ def test_chat_turns_reuse_the_history_before_the_last_reply(oai, tok):
     assert second.choices[0].message.content == "It is sunny."
 
 
+def test_another_conversation_reuses_the_system_prompt_and_tools(oai, tok):
+    """Two users of one agent: the second conversation's prompt shares only the system message
+    (with the tools) with the first's, and reads all of it from the snapshot taken where it
+    ends (the scheduler tests cover the copy between slots)."""
+    system = {"role": "system", "content": "You are a weather agent."}
+    text = tok.apply_chat_template([system, {"role": "user", "content": "?"}], TOOLS)
+    prefix = tok.encode(text[: text.index("<|im_start|>user")])
+    usage = []
+    for question in ("Paris?", "And in Lyon, tomorrow morning?"):
+        r = oai.chat.completions.create(
+            model="tiny-qwen",
+            messages=[system, {"role": "user", "content": question}],
+            tools=TOOLS,
+            max_tokens=50,
+            extra_body=forced(ANSWER),
+        )
+        usage.append(r.usage)
+    assert usage[0].prompt_tokens_details.cached_tokens == 0
+    assert usage[1].prompt_tokens_details.cached_tokens == len(prefix)
+    assert usage[1].prompt_tokens > len(prefix) + 5
+
+
 def test_responses_routes(oai):
     r = oai.responses.create(
         model="tiny-qwen", input="Hi", max_output_tokens=100, extra_body=forced(ANSWER)
