@@ -16,12 +16,13 @@ history:
             snapshot taken at the last turn's header is reused, the reply and the new turn are
             prefilled
 
-and a third kind is `--turns` users (at most `--slots`), each starting a conversation with the
-same system prompt:
+and `--turns` users (at most `--slots`) who start conversations with one system prompt:
 
     users   each user's first prompt is sent once the previous user's first token is out (that
             reply still running): the snapshot taken where the system prompt ends is copied from
             the previous user's slot, only the user turn is prefilled
+    burst   the users' prompts are sent at once (an agent's parallel sub-agents): prefills run
+            oldest first, and each later one copies the first one's system snapshot
 
 Two schedulers over the same weights run the same conversations, one with `prefix_cache=False`.
 Reported per kind and scheduler: the median time to first token of each turn over `--repeats`
@@ -68,9 +69,21 @@ def conversation(scheduler, args, rng, kind: str, params) -> list[dict]:
     header = [BOUNDARY, *rnd(2)]
     history = rnd(args.system)
     turns = []
+    users = min(args.turns, args.slots)  # more would wait for a slot
+    if kind == "burst":
+        prompts = [[*history, BOUNDARY, *rnd(args.user), *header] for _ in range(users)]
+        t0 = time.perf_counter()
+        running = [iter(scheduler.submit(p, params)) for p in prompts]
+        for p, events in zip(prompts, running, strict=True):
+            first = next(e for e in events if e.token_ids)
+            seconds = time.perf_counter() - t0
+            turns.append({"prompt": len(p), "cached": first.cached_tokens, "ttft_s": seconds})
+        for events in running:
+            collections.deque(events, maxlen=0)
+        return turns
     if kind == "users":
         running = []
-        for _ in range(min(args.turns, args.slots)):  # more would wait for a slot
+        for _ in range(users):
             prompt = [*history, BOUNDARY, *rnd(args.user), *header]
             t0 = time.perf_counter()
             events = iter(scheduler.submit(prompt, params))
@@ -109,7 +122,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         s.start()
     try:
         for i in range(args.repeats + 1):  # conversation 0 compiles
-            for j, kind in enumerate(("tools", "chat", "users")):
+            for j, kind in enumerate(("tools", "chat", "users", "burst")):
                 for name, scheduler in schedulers.items():
                     # The same conversation for both; a system prompt of its own for each kind.
                     rng = np.random.default_rng([i, j])

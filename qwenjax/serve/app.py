@@ -268,7 +268,8 @@ def serve(args: argparse.Namespace, mesh: Any = None, rules: Any = None) -> None
             mesh=mesh,
             rules=rules,
             prefix_cache=not args.no_prefix_cache,
-            # each turn's generation prompt starts with one: a snapshot there serves the next
+            # each message starts with one: snapshots where the system message ends and where
+            # the generation prompt starts serve other conversations and the next turn
             boundary_token=tokenizer.token_to_id("<|im_start|>"),
         )
     if args.served_model_name:

@@ -42,7 +42,9 @@ point it reuses. A point counts only if the prompt also has the token that follo
 the MTP cache's entry there pairs with that token. Admission takes the free slot with the
 longest reusable prefix; a snapshot held by a busy slot that covers more is copied (its GDN
 states, its K/V row and both its snapshots) into the slot free the longest, so conversations
-that share a system prompt share its prefill across slots.
+that share a system prompt share its prefill across slots. A request looks for a copy again
+before its first prefill chunk: prefills run one at a time, oldest first, so of requests that
+arrive together, the later ones find the first one's snapshots by then.
 
 Finished and cancelled requests free their slot at once. Shapes never depend on the requests
 (prefill chunks are bucketed to powers of two, and so are a vision prompt's patches and width),
@@ -875,32 +877,54 @@ class Scheduler:
             with self._lock:
                 self._free.remove(index)
                 self._active[index] = slot
-            point = None
-            if mode in ("system", "snapshot"):  # the slot's own snapshot
-                point, mode = mode, "snapshot"
-            elif mode.startswith("copy:"):
-                point, mode = mode[5:], "copy"
-                source_kept = self._kept[source]
-                self._kept[index] = _Kept(system=source_kept.system, snapshot=source_kept.snapshot)
-            self._kept[index].keep_only(keep)
-            slot.prefilled = slot.cached = keep
-            if self.boundary_token is not None and not slot.multimodal:
-                slot.snapshot_at = _snapshot_points(
-                    slot.prompt, self.boundary_token, keep, min_system=self.prefill_chunk
-                )
             self.counters["prefix_cache_queries_total"] += len(slot.prompt)
-            self.counters["prefix_cache_hits_total"] += keep
-            self._state, self._req, self._snaps = _admit(
-                self._state,
-                self._req,
-                self._snaps,
-                jnp.int32(index),
-                jnp.int32(source),
-                self._row_request(index, slot),
-                jnp.int32(keep),
-                mode=mode,
-                point=point,
+            self._assign(index, slot, source, keep, mode)
+
+    def _assign(self, index: int, slot: _Slot, source: int, keep: int, mode: str) -> None:
+        """Write slot `index`'s row for `slot`'s request, its cache holding the prompt's first
+        `keep` tokens as `_pick` found them (in `source`, for a copy)."""
+        point = None
+        if mode in ("system", "snapshot"):  # the slot's own snapshot
+            point, mode = mode, "snapshot"
+        elif mode.startswith("copy:"):
+            point, mode = mode[5:], "copy"
+            source_kept = self._kept[source]
+            self._kept[index] = _Kept(system=source_kept.system, snapshot=source_kept.snapshot)
+        self._kept[index].keep_only(keep)
+        self.counters["prefix_cache_hits_total"] += keep - slot.cached
+        slot.prefilled = slot.cached = keep
+        if self.boundary_token is not None and not slot.multimodal:
+            slot.snapshot_at = _snapshot_points(
+                slot.prompt, self.boundary_token, keep, min_system=self.prefill_chunk
             )
+        self._state, self._req, self._snaps = _admit(
+            self._state,
+            self._req,
+            self._snaps,
+            jnp.int32(index),
+            jnp.int32(source),
+            self._row_request(index, slot),
+            jnp.int32(keep),
+            mode=mode,
+            point=point,
+        )
+
+    def _repick(self, index: int) -> None:
+        """Before a request's first prefill chunk, copy a snapshot that a busy slot took since
+        the request was admitted, if it covers more. Prefills run one at a time, oldest first,
+        so of requests that arrive together with one system prompt, the later ones wait for
+        the first one's prefill anyway, and then copy its system snapshot."""
+        slot = self._active[index]
+        if not self.prefix_cache or slot.multimodal or self._snaps is None:
+            return
+        best = (slot.cached, index, "")
+        for source in self._active:
+            if source != index:
+                keep, mode = self._kept[source].reuse(slot.prompt, copy=True)
+                if keep > best[0]:
+                    best = (keep, source, mode)
+        if best[1] != index:
+            self._assign(index, slot, best[1], best[0], f"copy:{best[2]}")
 
     def _pick(self, slot: _Slot, free: list[int], busy: list[int]) -> tuple[int, int, int, str]:
         """The free slot for `slot`'s request, the slot whose cache it reuses, the tokens it
@@ -927,6 +951,8 @@ class Scheduler:
         if prefilling:  # one chunk per iteration: running streams keep their pace
             index = min(prefilling, key=lambda i: self._active[i].started)
             slot = self._active[index]
+            if slot.prefilled == slot.cached:  # its first chunk
+                self._repick(index)
             self._prefill_one(index)
             if slot.constraint is not None and slot.prefilled == len(slot.prompt):
                 self._publish()  # its grammar takes the first token before the next is sampled

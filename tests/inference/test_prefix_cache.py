@@ -119,8 +119,9 @@ def drive(scheduler, until):
 def shared_system(scheduler, seed):
     """Three conversations with one system prompt: while the first still decodes, a second
     copies its system snapshot and a third (its prompt again) its last snapshot; once all are
-    done, a fourth reuses the system snapshot in place. Returns the prompts, the outputs, the
-    cached token counts, the slot each ran in and the cache the first three left."""
+    done, a fourth reuses the system snapshot in place; then three more arrive at once with
+    another. Returns the prompts, the outputs, the cached token counts, the slot each of the
+    first four ran in, and the caches the first three and the fourth left."""
     rng = np.random.default_rng(seed)
     rnd = lambda n: [int(t) for t in rng.integers(8, 512, n)]  # never the boundary token
     system = [BOUNDARY, *rnd(24)]
@@ -146,10 +147,18 @@ def shared_system(scheduler, seed):
         scheduler._admit()
     slots.append(next(iter(scheduler._active)))
     drive(scheduler, lambda: not scheduler._active)
+    caches = [cache, jax.device_get(scheduler._state.cache)]
+    # Three at once with another system prompt: prefills run oldest first, so the second and
+    # third wait for the first's anyway, and then copy its system snapshot.
+    other = [BOUNDARY, *rnd(24)]
+    burst = [[*other, *turn()] for _ in range(3)]
+    prompts += burst
+    handles += [scheduler.submit(p, GREEDY) for p in burst]
+    drive(scheduler, lambda: all(h.finished for h in handles))
     results = [collect(h) for h in handles]
     outputs = [tokens for tokens, _ in results]
     cached = [last.cached_tokens for _, last in results]
-    return prompts, outputs, cached, slots, cache
+    return prompts, outputs, cached, slots, caches
 
 
 def equal_generate(model, prompts, outputs):
@@ -162,10 +171,10 @@ def test_a_system_prompt_is_shared_across_slots(model):
     """With MTP (k = 2), so the MTP cache's rows are copied too."""
     setup = {**SETUP, "slots": 3, "num_speculative_tokens": 2}
     scheduler = Scheduler(model, **setup, boundary_token=BOUNDARY)
-    prompts, outputs, cached, slots, cache = shared_system(scheduler, seed=5)
+    prompts, outputs, cached, slots, (cache, cache_d) = shared_system(scheduler, seed=5)
     system, last = 25, len(prompts[0]) - 3
-    assert cached == [0, system, last, system]
-    assert list(map(len, outputs)) == [40, 7, 7, 7]
+    assert cached == [0, system, last, system, 0, system, system]
+    assert list(map(len, outputs)) == [40] + [7] * 6
     equal_generate(model, prompts, outputs)
     # The copies' rows (GDN states, K/V, MTP K/V) equal whole prefills of their prompts.
     # The fourth reuses, in place, a system snapshot that came with a copy.
@@ -173,11 +182,11 @@ def test_a_system_prompt_is_shared_across_slots(model):
     fresh = Scheduler(model, **setup, prefix_cache=False)
     fresh.start()
     try:
-        for p, out in zip(prompts[1:], outputs[1:], strict=True):  # slots 0, 1, 2
+        for p, out in zip(prompts[1:4], outputs[1:4], strict=True):  # slots 0, 1, 2
             assert run(fresh, p)[0] == out
     finally:
         fresh.stop()
-    ours = [(cache, slots[1]), (cache, slots[2]), (scheduler._state.cache, slots[3])]
+    ours = [(cache, slots[1]), (cache, slots[2]), (cache_d, slots[3])]
     for row, ((mine, slot), theirs) in enumerate(zip(ours, (0, 1, 2), strict=True)):
         assert slot != slots[0], row
         assert_rows_equal(mine, slot, fresh._state.cache, theirs)
@@ -224,7 +233,7 @@ def test_reuse_on_a_mesh_equals_single_device_generate():
         assert out == expected[i].tolist(), i
     # Copies between slots on different devices.
     prompts, outputs, cached, _, _ = shared_system(scheduler, seed=1)
-    assert cached == [0, 25, len(prompts[0]) - 3, 25]
+    assert cached == [0, 25, len(prompts[0]) - 3, 25, 0, 25, 25]
     equal_generate(single, prompts, outputs)
     assert jax.tree.map(lambda x: x.sharding, (scheduler._state.cache, scheduler._snaps)) == born
     compiled = lambda: [f._cache_size() for f in (sched._admit, sched._snapshot, sched._decode)]

@@ -10,6 +10,7 @@ once for the module; the last test stops it with SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import signal
 import time
@@ -224,25 +225,33 @@ def test_chat_turns_reuse_the_history_before_the_last_reply(oai, tok):
 
 
 def test_another_conversation_reuses_the_system_prompt_and_tools(oai, tok):
-    """Two users of one agent: the second conversation's prompt shares only the system message
-    (with the tools) with the first's, and reads all of it from the snapshot taken where it
-    ends (the scheduler tests cover the copy between slots)."""
-    system = {"role": "system", "content": "You are a weather agent."}
-    text = tok.apply_chat_template([system, {"role": "user", "content": "?"}], TOOLS)
-    prefix = tok.encode(text[: text.index("<|im_start|>user")])
-    usage = []
-    for question in ("Paris?", "And in Lyon, tomorrow morning?"):
+    """Users of one agent: a conversation's prompt shares only the system message (with the
+    tools) with an earlier one, and reads all of it from the snapshot taken where it ends,
+    also when the two arrive at once (the scheduler tests check the rows and the outputs)."""
+
+    def ask(system: str, question: str):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        text = tok.apply_chat_template(messages, TOOLS)
+        prefix = len(tok.encode(text[: text.index("<|im_start|>user")]))
         r = oai.chat.completions.create(
             model="tiny-qwen",
-            messages=[system, {"role": "user", "content": question}],
+            messages=messages,
             tools=TOOLS,
             max_tokens=50,
             extra_body=forced(ANSWER),
         )
-        usage.append(r.usage)
-    assert usage[0].prompt_tokens_details.cached_tokens == 0
-    assert usage[1].prompt_tokens_details.cached_tokens == len(prefix)
-    assert usage[1].prompt_tokens > len(prefix) + 5
+        assert r.usage.prompt_tokens > prefix + 3
+        return r.usage.prompt_tokens_details.cached_tokens, prefix
+
+    first, prefix = ask("You are a weather agent.", "Paris?")
+    second = ask("You are a weather agent.", "And in Lyon, tomorrow morning?")
+    assert (first, second) == (0, (prefix, prefix))
+    # Two at once with another system prompt: whichever the server takes second copies it from
+    # the first's slot before its own prefill starts.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda q: ask("You are a travel agent.", q), ("Rome?", "Oslo?")))
+    prefix = both[0][1]
+    assert sorted(cached for cached, _ in both) == [0, prefix]
 
 
 def test_responses_routes(oai):
