@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.experimental.layout import Layout, with_layout_constraint
@@ -267,6 +268,71 @@ def shard_kernel(
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
         *args
     )
+
+
+@contextlib.contextmanager
+def one_row() -> Iterator[None]:
+    """Within this block the active rules leave the batch whole: a single request's work (one
+    row cannot be divided over the data axes; its heads still are)."""
+    active = _ACTIVE.get()
+    if active is None:
+        yield
+        return
+    mesh, rules = active
+    with use_rules(mesh, {**rules, BATCH: None}):
+        yield
+
+
+def _row_split(names: Sequence[str | None], axis: int) -> tuple[str, ...]:
+    """The mesh axes the active rules split dimension `axis` over (none: not split)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return ()
+    mesh, rules = active
+    axes = _axes(rules.get(names[axis]))
+    return axes if math.prod(mesh.shape[a] for a in axes) > 1 else ()
+
+
+def take_row(x: jax.Array, index: jax.Array, names: Sequence[str | None], axis: int) -> jax.Array:
+    """`x`'s entry `index` along `axis` (kept, size 1), `x` split by its logical `names`.
+
+    Where that axis is split over devices, XLA partitions a dynamic slice of it by gathering the
+    whole of `x` onto every device (a serving cache, at every prefill chunk); here the device
+    holding the entry slices it from its shard and the others add zeros: one row moves.
+    """
+    split = _row_split(names, axis)
+    if not split:
+        return jax.lax.dynamic_slice_in_dim(x, index, 1, axis)
+    row_names = tuple(None if i == axis else n for i, n in enumerate(names))
+
+    def local(x, index):
+        per = x.shape[axis]
+        mine = jax.lax.axis_index(split) == index // per
+        row = jax.lax.dynamic_slice_in_dim(x, index % per, 1, axis)
+        return jax.lax.psum(jnp.where(mine, row, jnp.zeros_like(row)), split)
+
+    return shard_kernel(local, [x, index], [tuple(names), ()], row_names)
+
+
+def put_row(
+    x: jax.Array, row: jax.Array, index: jax.Array, names: Sequence[str | None], axis: int
+) -> jax.Array:
+    """`x` with its entry `index` along `axis` set to `row` (size 1 there), `x` split by its
+    logical `names`: written in place by the device that holds it (see `take_row`)."""
+    row = row.astype(x.dtype)
+    split = _row_split(names, axis)
+    if not split:
+        return jax.lax.dynamic_update_slice_in_dim(x, row, index, axis)
+    row_names = tuple(None if i == axis else n for i, n in enumerate(names))
+
+    def local(x, row, index):
+        per = x.shape[axis]
+        mine = jax.lax.axis_index(split) == index // per
+        at = index % per
+        old = jax.lax.dynamic_slice_in_dim(x, at, 1, axis)
+        return jax.lax.dynamic_update_slice_in_dim(x, jnp.where(mine, row, old), at, axis)
+
+    return shard_kernel(local, [x, row, index], [tuple(names), row_names, ()], tuple(names))
 
 
 def context_axes() -> str | tuple[str, ...] | None:

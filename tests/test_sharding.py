@@ -172,6 +172,30 @@ def test_constrain_is_a_no_op_without_rules_and_places_activations_with_them():
     assert out.sharding.is_equivalent_to(want, x.ndim)
 
 
+def test_rows_of_a_batch_split_over_two_mesh_axes_move_alone():
+    """`take_row` / `put_row` on `[L, B, N, H]` split over data x fsdp (batch) and tensor
+    (heads), every row: equal to a plain dynamic slice and update, in place, with no gather."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices")
+    mesh = ax.make_mesh(ax.MeshConfig(data=2, fsdp=2, tensor=2))
+    names = (None, ax.BATCH, ax.KV_HEADS, None)
+    x = jax.random.normal(jax.random.key(0), (3, 8, 4, 5))
+    new = jax.random.normal(jax.random.key(1), (3, 1, 4, 5))
+
+    def f(x, new, i):
+        with ax.use_rules(mesh, ax.FSDP_TP_RULES):
+            x = ax.constrain(x, names)
+            return ax.take_row(x, i, names, 1), ax.put_row(x, new, i, names, 1)
+
+    f = jax.jit(f)
+    for i in range(8):
+        row, put = f(x, new, jnp.int32(i))
+        assert (row == x[:, i : i + 1]).all() and (put == x.at[:, i : i + 1].set(new)).all()
+    assert "all-gather" not in f.lower(x, new, jnp.int32(0)).compile().as_text()
+    outside = jnp.int32(5)  # without rules: the plain slice
+    assert (ax.take_row(x, outside, names, 1) == x[:, 5:6]).all()
+
+
 def test_batch_the_mesh_cannot_split_is_rejected_clearly():
     mesh = abstract_mesh(data=2, fsdp=4)
     batch_sharding = ax.batch_sharding(mesh, ax.FSDP_RULES, microbatched=True)

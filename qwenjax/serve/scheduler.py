@@ -245,24 +245,28 @@ def _put(x: jax.Array, row: jax.Array, slot: jax.Array, axis: int) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(x, row.astype(x.dtype), slot, axis=axis)
 
 
+# The cache's rows and the snapshots' are split over the mesh's batch axes: `ax.take_row` and
+# `ax.put_row` move one row where a dynamic slice would gather the whole cache onto each device.
 def _cache_row(cache: Cache, slot) -> Cache:
     """The batch-1 cache of one slot (blocks are `[NB, B, ...]`, the rest `[B, ...]`)."""
-    take = lambda x: _take(x, slot, 0)
+    names = logical_axes(cache)
+    take = lambda axis: lambda x, n: ax.take_row(x, slot, n, axis)
     return Cache(
-        blocks=jax.tree.map(lambda x: _take(x, slot, 1), cache.blocks),
-        mtp=jax.tree.map(take, cache.mtp),
-        length=take(cache.length),
-        rope_delta=take(cache.rope_delta),
+        blocks=jax.tree.map(take(1), cache.blocks, names.blocks),
+        mtp=jax.tree.map(take(0), cache.mtp, names.mtp),
+        length=_take(cache.length, slot, 0),
+        rope_delta=_take(cache.rope_delta, slot, 0),
     )
 
 
 def _set_cache_row(cache: Cache, slot, row: Cache) -> Cache:
-    put = lambda x, r: _put(x, r, slot, 0)
+    names = logical_axes(cache)
+    put = lambda axis: lambda x, r, n: ax.put_row(x, r, slot, n, axis)
     return Cache(
-        blocks=jax.tree.map(lambda x, r: _put(x, r, slot, 1), cache.blocks, row.blocks),
-        mtp=jax.tree.map(put, cache.mtp, row.mtp),
-        length=put(cache.length, row.length),
-        rope_delta=put(cache.rope_delta, row.rope_delta),
+        blocks=jax.tree.map(put(1), cache.blocks, row.blocks, names.blocks),
+        mtp=jax.tree.map(put(0), cache.mtp, row.mtp, names.mtp),
+        length=_put(cache.length, row.length, slot, 0),
+        rope_delta=_put(cache.rope_delta, row.rope_delta, slot, 0),
     )
 
 
@@ -293,16 +297,19 @@ def _constrained_snapshot(snap: tuple, cache: Cache) -> tuple:
 
 def _restored(row: Cache, snap: tuple, slot) -> Cache:
     """`row` with its GDN states from slot `slot` of the snapshot stacks."""
+    names = _gdn_only(logical_axes(row).blocks)
+    take = lambda x, n: ax.take_row(x, slot, n, 1)
     blocks = tuple(
-        layer if kept is None else jax.tree.map(lambda x: _take(x, slot, 1), kept)
-        for layer, kept in zip(row.blocks, snap, strict=True)
+        layer if kept is None else jax.tree.map(take, kept, n)
+        for layer, kept, n in zip(row.blocks, snap, names, strict=True)
     )
     return dataclasses.replace(row, blocks=blocks)
 
 
-def _copy_snapshot(snap: tuple, slot, source) -> tuple:
+def _copy_snapshot(snap: tuple, names: tuple, slot, source) -> tuple:
     """Slot `source`'s entry of the snapshot stacks copied into slot `slot`'s."""
-    return jax.tree.map(lambda x: _put(x, _take(x, source, 1), slot, 1), snap)
+    copy = lambda x, n: ax.put_row(x, ax.take_row(x, source, n, 1), slot, n, 1)
+    return jax.tree.map(copy, snap, names)
 
 
 @functools.partial(
@@ -333,7 +340,8 @@ def _admit(
     elif mode == "copy":
         # Its K/V past `keep` are stale but never read (the request writes them first).
         row = _restored(_cache_row(s.cache, source), snaps[point], source)
-        snaps = {name: _copy_snapshot(snap, slot, source) for name, snap in snaps.items()}
+        names = _gdn_only(logical_axes(s.cache).blocks)
+        snaps = {k: _copy_snapshot(snap, names, slot, source) for k, snap in snaps.items()}
         snaps = {name: _constrained_snapshot(snap, s.cache) for name, snap in snaps.items()}
     row = dataclasses.replace(
         row, length=jnp.full_like(row.length, keep), rope_delta=jnp.zeros_like(row.rope_delta)
@@ -359,7 +367,9 @@ def _admit(
 def _snapshot(snap: tuple, s: DecodeState, slot) -> tuple:
     """Copy slot `slot`'s GDN states (conv and recurrent) into the snapshot stacks."""
     live = _gdn_only(s.cache.blocks)
-    snap = jax.tree.map(lambda buf, x: _put(buf, _take(x, slot, 1), slot, 1), snap, live)
+    names = _gdn_only(logical_axes(s.cache).blocks)
+    copy = lambda buf, x, n: ax.put_row(buf, ax.take_row(x, slot, n, 1), slot, n, 1)
+    snap = jax.tree.map(copy, snap, live, names)
     return _constrained_snapshot(snap, s.cache)
 
 
@@ -397,48 +407,50 @@ def _prefill_chunk(
     """
     model = _model(graphdef, params)
     row = _cache_row(s.cache, slot)
-    start = row.length
-    positions = None  # the MTP head's: the slots, unless multimodal
-    if vision is None:
-        hidden, row, _ = model.extend(ids, row, num_valid[None])  # [1, C, D]
-    else:
-        embeds, positions, delta = vision
-        ctx = model.cache_context(ids, start, num_valid[None], positions)
-        hidden, row, _ = model.extend_embedded(embeds, ctx, row)
-        row = dataclasses.replace(row, rope_delta=delta)
-    at = (num_valid - 1)[None, None, None]
-    spec = opts.num_speculative_tokens > 0
-    if last:
-        h = jnp.take_along_axis(hidden, at, axis=1)  # [1, 1, D]
-        logits = model.logits(h)[:, 0].astype(jnp.float32)  # [1, V]
-        take = lambda x: _take(x, slot, 0)
-        # The slot's row alone, for the decode step's own sampling (options, forcing, budget);
-        # `_sample` reads only these fields of the state.
-        row_state = dataclasses.replace(s, num_out=take(s.num_out), counts=take(s.counts))
-        tok, lp = _sample(logits, row_state, jax.tree.map(take, req))
-        top = top_logprobs(logits, opts.num_top_logprobs)
-        b = s.num_out.shape[0]
-        mine = jnp.arange(b) == slot
-        s = dataclasses.replace(s, done=s.done & ~mine)
-        spread = lambda x: jnp.zeros((b, *x.shape[1:]), x.dtype).at[slot].set(x[0])
-        s = _emit(
-            s,
-            req,
-            spread(tok)[:, None],
-            mine.astype(jnp.int32),
-            spread(lp)[:, None],
-            (spread(top[0])[:, None], spread(top[1])[:, None]),
-            opts,
-        )
-        if spec:
-            t = jnp.arange(ids.shape[1])[None, :]
-            next_ids = jnp.where(t == num_valid - 1, tok[:, None], next_ids)
-    if spec:
-        m, mtp = model.mtp_extend(hidden, next_ids, row.mtp, start, positions)
-        row = dataclasses.replace(row, mtp=mtp)
+    # The rows move under the server's rules; one request's work leaves the batch whole.
+    with ax.one_row():
+        start = row.length
+        positions = None  # the MTP head's: the slots, unless multimodal
+        if vision is None:
+            hidden, row, _ = model.extend(ids, row, num_valid[None])  # [1, C, D]
+        else:
+            embeds, positions, delta = vision
+            ctx = model.cache_context(ids, start, num_valid[None], positions)
+            hidden, row, _ = model.extend_embedded(embeds, ctx, row)
+            row = dataclasses.replace(row, rope_delta=delta)
+        at = (num_valid - 1)[None, None, None]
+        spec = opts.num_speculative_tokens > 0
         if last:
-            drafter = jnp.take_along_axis(m, at, axis=1)[:, 0]
-            s = dataclasses.replace(s, draft_hidden=_put(s.draft_hidden, drafter, slot, 0))
+            h = jnp.take_along_axis(hidden, at, axis=1)  # [1, 1, D]
+            logits = model.logits(h)[:, 0].astype(jnp.float32)  # [1, V]
+            take = lambda x: _take(x, slot, 0)
+            # The slot's row alone, for the decode step's own sampling (options, forcing, budget);
+            # `_sample` reads only these fields of the state.
+            row_state = dataclasses.replace(s, num_out=take(s.num_out), counts=take(s.counts))
+            tok, lp = _sample(logits, row_state, jax.tree.map(take, req))
+            top = top_logprobs(logits, opts.num_top_logprobs)
+            b = s.num_out.shape[0]
+            mine = jnp.arange(b) == slot
+            s = dataclasses.replace(s, done=s.done & ~mine)
+            spread = lambda x: jnp.zeros((b, *x.shape[1:]), x.dtype).at[slot].set(x[0])
+            s = _emit(
+                s,
+                req,
+                spread(tok)[:, None],
+                mine.astype(jnp.int32),
+                spread(lp)[:, None],
+                (spread(top[0])[:, None], spread(top[1])[:, None]),
+                opts,
+            )
+            if spec:
+                t = jnp.arange(ids.shape[1])[None, :]
+                next_ids = jnp.where(t == num_valid - 1, tok[:, None], next_ids)
+        if spec:
+            m, mtp = model.mtp_extend(hidden, next_ids, row.mtp, start, positions)
+            row = dataclasses.replace(row, mtp=mtp)
+            if last:
+                drafter = jnp.take_along_axis(m, at, axis=1)[:, 0]
+                s = dataclasses.replace(s, draft_hidden=_put(s.draft_hidden, drafter, slot, 0))
     return dataclasses.replace(s, cache=_set_cache_row(s.cache, slot, row))
 
 
@@ -1015,10 +1027,10 @@ class Scheduler:
         following = slot.prompt[lo + 1 : hi + 1]
         nxt[0, : len(following)] = following
         last = hi == len(slot.prompt)
-        with self._rules(one_row=True):
-            vision = None
-            if slot.vision is not None:
-                if slot.prepared is None:  # the first chunk: the tower runs once per prompt
+        vision = None
+        if slot.vision is not None:
+            if slot.prepared is None:  # the first chunk: the tower runs once per prompt
+                with self._rules(one_row=True):
                     slot.prepared = vision_prompt.prepare(
                         self.graphdef,
                         self.params,
@@ -1028,7 +1040,8 @@ class Scheduler:
                         chunk=self.prefill_chunk,
                         pad_id=self.pad_id,
                     )
-                vision = (*slot.prepared.window(lo, width), slot.prepared.delta)
+            vision = (*slot.prepared.window(lo, width), slot.prepared.delta)
+        with self._rules():  # the chunk's own work runs under `ax.one_row`
             self._state = _prefill_chunk(
                 self.graphdef,
                 self.params,

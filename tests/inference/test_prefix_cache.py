@@ -7,6 +7,7 @@ a whole prefill gives."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -241,6 +242,39 @@ def test_reuse_on_a_mesh_equals_single_device_generate():
     conversation(scheduler, seed=3)
     shared_system(scheduler, seed=3)
     assert compiled() == before
+    assert gathered_rows(scheduler) == []
+
+
+def gathered_rows(scheduler) -> list[str]:
+    """The all-gathers of whole cache or snapshot leaves (every slot on each device) in the
+    compiled functions that move rows: admission (a copy), the snapshot and a prefill chunk.
+    XLA partitions a dynamic slice of the split slot axis so, the whole cache at every chunk,
+    until the rows moved inside `shard_map`."""
+    s = scheduler
+    whole = set()
+    for x in jax.tree.leaves((s._state.cache.blocks, s._snaps)):  # [NB, B, ...]
+        shard = list(x.addressable_shards[0].data.shape)
+        shard[1] = s.slots
+        whole.add(f"{x.dtype}[{','.join(map(str, shard))}]".replace("float32", "f32"))
+    request = s._row_request(0, sched._Slot(handle=None, prompt=[9, 9], params=GREEDY))
+    ids, slot = jnp.zeros((1, 16), jnp.int32), jnp.int32(1)
+    with s._rules():
+        lowered = [
+            sched._admit.lower(
+                s._state, s._req, s._snaps, slot, jnp.int32(2), request, jnp.int32(3),
+                mode="copy", point="system",
+            ),
+            sched._snapshot.lower(s._snaps["system"], s._state, slot),
+            sched._prefill_chunk.lower(
+                s.graphdef, s.params, s._state, s._req, slot, ids, jnp.int32(16), ids, None,
+                opts=s.opts, last=True,
+            ),
+        ]  # fmt: skip
+    found = []
+    for f in lowered:
+        for shape in re.findall(r"= (\w+\[[\d,]*\])\S* all-gather", f.compile().as_text()):
+            found += [shape] if shape in whole else []
+    return found
 
 
 def test_without_prefix_cache_every_prompt_is_prefilled_whole(model):
