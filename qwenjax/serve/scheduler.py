@@ -504,6 +504,53 @@ def _snapshot_points(
     return {at: name for at, name in points.items() if at > keep}
 
 
+def serving_options(max_length: int, prefill_chunk: int, k: int, pad_id: int) -> Options:
+    """The engine options of a scheduler with this context, chunk and speculation."""
+    # Prefill writes whole (padded) chunks and verification k+1 slots past the length.
+    chunked = -(-max_length // prefill_chunk) * prefill_chunk
+    return Options(
+        max_new_tokens=max_length,
+        max_length=chunked + 2 * (k + 1),
+        num_top_logprobs=MAX_TOP_LOGPROBS,
+        num_speculative_tokens=k,
+        pad_id=pad_id,
+    )
+
+
+def idle_requests(slots: int, vocab: int, allowed: np.ndarray) -> Requests:
+    """Every slot's options before any request (greedy, nothing forced, every token allowed)."""
+    idle = SamplingBatch.from_params(
+        [SamplingParams(temperature=0.0)] * slots, vocab, default_seed=0
+    )
+    return Requests(
+        sampling=idle,
+        in_prompt=jnp.zeros((slots, vocab), bool),
+        stop_ids=jnp.full((slots, MAX_STOP_IDS), -1, jnp.int32),
+        max_tokens=jnp.zeros((slots,), jnp.int32),
+        forced=jnp.full((slots, MAX_FORCED), -1, jnp.int32),
+        budget=jnp.full((slots, 2), -1, jnp.int32),
+        allowed=jnp.asarray(allowed),
+    )
+
+
+def fresh_state(config, slots: int, opts: Options, dtype) -> DecodeState:
+    """The scheduler's decode state before any request, cache and all (to trace, under the
+    mesh rules: `benchmarks/serve_hlo.py` compiles the row functions for a TPU from it)."""
+    spec = opts.num_speculative_tokens > 0
+    cache = init_cache(config, slots, opts.max_length, dtype, mtp=spec)
+    # Every row's rope delta: 0 for text (positions = slots), set by a vision prefill.
+    cache = dataclasses.replace(cache, rope_delta=jnp.zeros((slots,), jnp.int32))
+    # Born sharded as the steps keep it: replicated, every device held the whole cache until
+    # the first step.
+    cache = _constrain_cache(cache)
+    width = opts.max_new_tokens + opts.num_speculative_tokens + 1
+    d = config.hidden_size if spec else 0
+    idle = jnp.zeros((slots,), bool)
+    return empty_state(
+        cache, width, MAX_TOP_LOGPROBS, config.vocab_size, d, dtype, opts.pad_id, real=idle
+    )
+
+
 def _bucket(n: int, limit: int) -> int:
     return min(limit, max(16, 1 << (n - 1).bit_length()))
 
@@ -562,15 +609,7 @@ class Scheduler:
         self.stop_token_ids = tuple(stop_token_ids)
         self.pad_id = pad_id
         self.mesh, self.rules = mesh, rules
-        # Prefill writes whole (padded) chunks and verification k+1 slots past the length.
-        chunked = -(-max_length // self.prefill_chunk) * self.prefill_chunk
-        self.opts = Options(
-            max_new_tokens=max_length,
-            max_length=chunked + 2 * (self.k + 1),
-            num_top_logprobs=MAX_TOP_LOGPROBS,
-            num_speculative_tokens=self.k,
-            pad_id=pad_id,
-        )
+        self.opts = serving_options(max_length, self.prefill_chunk, self.k, pad_id)
         if mesh is None:
             self._where = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         else:  # the requests' options (small), replicated; the cache is born sharded
@@ -621,33 +660,9 @@ class Scheduler:
 
     # -------------------------------------------------------------------------------- device
     def _init_device(self) -> tuple[DecodeState, Requests]:
-        b, v = self.slots, self.config.vocab_size
-        width = self.opts.max_new_tokens + self.k + 1
-        idle = SamplingBatch.from_params([SamplingParams(temperature=0.0)] * b, v, default_seed=0)
-        req = Requests(
-            sampling=idle,
-            in_prompt=jnp.zeros((b, v), bool),
-            stop_ids=jnp.full((b, MAX_STOP_IDS), -1, jnp.int32),
-            max_tokens=jnp.zeros((b,), jnp.int32),
-            forced=jnp.full((b, MAX_FORCED), -1, jnp.int32),
-            budget=jnp.full((b, 2), -1, jnp.int32),
-            allowed=jnp.asarray(self._allowed),
-        )
-        spec = self.k > 0
-        d = self.config.hidden_size if spec else 0
-
-        @jax.jit
-        def fresh():
-            cache = init_cache(self.config, b, self.opts.max_length, self.model.dtype, mtp=spec)
-            # Every row's rope delta: 0 for text (positions = slots), set by a vision prefill.
-            cache = dataclasses.replace(cache, rope_delta=jnp.zeros((b,), jnp.int32))
-            # Born sharded as the steps keep it: replicated, every device held the whole cache
-            # until the first step.
-            cache = _constrain_cache(cache)
-            idle = jnp.zeros((b,), bool)
-            return empty_state(
-                cache, width, MAX_TOP_LOGPROBS, v, d, self.model.dtype, self.pad_id, real=idle
-            )
+        b = self.slots
+        req = idle_requests(b, self.config.vocab_size, self._allowed)
+        fresh = jax.jit(functools.partial(fresh_state, self.config, b, self.opts, self.model.dtype))
 
         # Committed placement from the start, so the first request's jit signatures equal the
         # later ones (an uncommitted input would recompile every function once more).
