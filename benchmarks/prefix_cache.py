@@ -70,27 +70,17 @@ def conversation(scheduler, args, rng, kind: str, params) -> list[dict]:
     history = rnd(args.system)
     turns = []
     users = min(args.turns, args.slots)  # more would wait for a slot
-    if kind == "burst":
+    if kind in ("users", "burst"):
         prompts = [[*history, BOUNDARY, *rnd(args.user), *header] for _ in range(users)]
         t0 = time.perf_counter()
-        running = [iter(scheduler.submit(p, params)) for p in prompts]
-        for p, events in zip(prompts, running, strict=True):
-            first = next(e for e in events if e.token_ids)
-            seconds = time.perf_counter() - t0
-            turns.append({"prompt": len(p), "cached": first.cached_tokens, "ttft_s": seconds})
-        for events in running:
-            collections.deque(events, maxlen=0)
-        return turns
-    if kind == "users":
-        running = []
-        for _ in range(users):
-            prompt = [*history, BOUNDARY, *rnd(args.user), *header]
-            t0 = time.perf_counter()
-            events = iter(scheduler.submit(prompt, params))
-            first = next(e for e in events if e.token_ids)
+        running = [iter(scheduler.submit(p, params)) for p in prompts] if kind == "burst" else []
+        for i, prompt in enumerate(prompts):
+            if kind == "users":  # once the previous user's first token is out
+                t0 = time.perf_counter()
+                running.append(iter(scheduler.submit(prompt, params)))
+            first = next(e for e in running[i] if e.token_ids)
             seconds = time.perf_counter() - t0
             turns.append({"prompt": len(prompt), "cached": first.cached_tokens, "ttft_s": seconds})
-            running.append(events)
         for events in running:  # the replies end
             collections.deque(events, maxlen=0)
         return turns

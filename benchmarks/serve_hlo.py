@@ -32,6 +32,20 @@ from qwenjax.inference.engine import StaticGraph, all_allowed
 from qwenjax.model.cache import logical_axes
 from qwenjax.serve import scheduler as sched
 
+_HLO_DTYPE = {"float32": "f32", "bfloat16": "bf16", "int32": "s32"}
+
+
+def whole_leaf_gathers(hlo: str, leaves, slots: int) -> list[str]:
+    """The all-gathers in `hlo` whose result is one of `leaves` (`[NB, B, ...]` stacks, split
+    by their shardings) with every one of the `slots` rows on a device."""
+    whole = set()
+    for x in leaves:
+        shard = list(x.sharding.shard_shape(x.shape))
+        shard[1] = slots
+        dtype = jnp.dtype(x.dtype).name
+        whole.add(f"{_HLO_DTYPE.get(dtype, dtype)}[{','.join(map(str, shard))}]")
+    return [g for g in re.findall(r"= (\w+\[[\d,]*\])\S* all-gather", hlo) if g in whole]
+
 
 def compile_serving(
     target: str,
@@ -86,12 +100,7 @@ def compile_serving(
             ),
             "snapshot": sched._snapshot.lower(snap, state, scalar),
         }  # fmt: skip
-    whole = set()  # each cache or snapshot leaf's chip shard with every slot
-    for x in jax.tree.leaves((state.cache.blocks, snap)):  # [NB, B, ...]
-        shard = list(x.sharding.shard_shape(x.shape))
-        shard[1] = slots
-        whole.add(f"{jnp.dtype(x.dtype).name}[{','.join(map(str, shard))}]")
-    short = {"float32": "f32", "bfloat16": "bf16", "int32": "s32"}
+    leaves = jax.tree.leaves((state.cache.blocks, snap))
     nbytes = lambda tree: sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
     report = {
         "target": target,
@@ -105,14 +114,12 @@ def compile_serving(
         "chunk": chunk,
         "cache_mib_per_chip": nbytes(state.cache) / (fsdp * tensor) / 2**20,
     }
-    whole = {re.sub(r"^\w+", lambda m: short.get(m.group(0), m.group(0)), w) for w in whole}
     for name in functions:
         compiled = lowered[name].compile()
         text = compiled.as_text()
-        gathers = re.findall(r"= (\w+\[[\d,]*\])\S* all-gather", text)
         report[name] = {
             "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
-            "cache_gathers": [g for g in gathers if g in whole],
+            "cache_gathers": whole_leaf_gathers(text, leaves, slots),
             "copies": [w for w in large_writes(text, min_mib * 2**20) if not w["in_place"]],
         }
     return report

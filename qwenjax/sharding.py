@@ -293,6 +293,11 @@ def _row_split(names: Sequence[str | None], axis: int) -> tuple[str, ...]:
     return axes if math.prod(mesh.shape[a] for a in axes) > 1 else ()
 
 
+def _held_here(split: tuple[str, ...], index: jax.Array, per: int) -> tuple[jax.Array, jax.Array]:
+    """Inside `shard_map`: whether this device's `per` rows hold row `index`, and where."""
+    return jax.lax.axis_index(split) == index // per, index % per
+
+
 def take_row(x: jax.Array, index: jax.Array, names: Sequence[str | None], axis: int) -> jax.Array:
     """`x`'s entry `index` along `axis` (kept, size 1), `x` split by its logical `names`.
 
@@ -306,9 +311,8 @@ def take_row(x: jax.Array, index: jax.Array, names: Sequence[str | None], axis: 
     row_names = tuple(None if i == axis else n for i, n in enumerate(names))
 
     def local(x, index):
-        per = x.shape[axis]
-        mine = jax.lax.axis_index(split) == index // per
-        row = jax.lax.dynamic_slice_in_dim(x, index % per, 1, axis)
+        mine, at = _held_here(split, index, x.shape[axis])
+        row = jax.lax.dynamic_slice_in_dim(x, at, 1, axis)
         return jax.lax.psum(jnp.where(mine, row, jnp.zeros_like(row)), split)
 
     return shard_kernel(local, [x, index], [tuple(names), ()], row_names)
@@ -326,9 +330,7 @@ def put_row(
     row_names = tuple(None if i == axis else n for i, n in enumerate(names))
 
     def local(x, row, index):
-        per = x.shape[axis]
-        mine = jax.lax.axis_index(split) == index // per
-        at = index % per
+        mine, at = _held_here(split, index, x.shape[axis])
         old = jax.lax.dynamic_slice_in_dim(x, at, 1, axis)
         return jax.lax.dynamic_update_slice_in_dim(x, jnp.where(mine, row, old), at, axis)
 

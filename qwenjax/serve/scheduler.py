@@ -669,13 +669,11 @@ class Scheduler:
         with self._rules():
             return _committed(fresh()), jax.device_put(req, self._where)
 
-    def _rules(self, one_row: bool = False):
-        """The mesh rules; `one_row` (a single request's prefill, batch 1) leaves the batch
-        unsplit, since one row cannot be divided over the data axes (heads still are)."""
+    def _rules(self):
+        """The mesh rules (a single request's work inside narrows them with `ax.one_row`)."""
         if self.mesh is None:
             return contextlib.nullcontext()
-        rules = self.rules or ax.RULES["fsdp"]
-        return ax.use_rules(self.mesh, {**rules, ax.BATCH: None} if one_row else rules)
+        return ax.use_rules(self.mesh, self.rules or ax.RULES["fsdp"])
 
     def _row_request(self, index: int, slot: _Slot) -> Requests:
         p, v = slot.params, self.config.vocab_size
@@ -944,14 +942,21 @@ class Scheduler:
         slot = self._active[index]
         if not self.prefix_cache or slot.multimodal or self._snaps is None:
             return
-        best = (slot.cached, index, "")
-        for source in self._active:
-            if source != index:
-                keep, mode = self._kept[source].reuse(slot.prompt, copy=True)
-                if keep > best[0]:
-                    best = (keep, source, mode)
-        if best[1] != index:
-            self._assign(index, slot, best[1], best[0], f"copy:{best[2]}")
+        copy = self._best_copy(slot.prompt, [i for i in self._active if i != index], slot.cached)
+        if copy is not None:
+            self._assign(index, slot, *copy)
+
+    def _best_copy(
+        self, prompt: list[int], sources: list[int], floor: int
+    ) -> tuple[int, int, str] | None:
+        """(source slot, tokens, "copy:<point>") of the longest snapshot of `prompt` among
+        `sources` that covers more than `floor` tokens, or None."""
+        best = None
+        for source in sources:
+            keep, mode = self._kept[source].reuse(prompt, copy=True)
+            if keep > floor:
+                floor, best = keep, (source, keep, f"copy:{mode}")
+        return best
 
     def _pick(self, slot: _Slot, free: list[int], busy: list[int]) -> tuple[int, int, int, str]:
         """The free slot for `slot`'s request, the slot whose cache it reuses, the tokens it
@@ -967,10 +972,9 @@ class Scheduler:
                 best = (index, index, keep, mode)
         if self._snaps is not None:  # a copy must beat reuse in place
             # Busy slots only (never the target): a free one offers in place what it could copy.
-            for source in busy:
-                keep, mode = self._kept[source].reuse(slot.prompt, copy=True)
-                if keep > best[2]:
-                    best = (free[0], source, keep, f"copy:{mode}")
+            copy = self._best_copy(slot.prompt, busy, best[2])
+            if copy is not None:
+                best = (free[0], *copy)
         return best
 
     def _step(self) -> None:
@@ -1045,7 +1049,7 @@ class Scheduler:
         vision = None
         if slot.vision is not None:
             if slot.prepared is None:  # the first chunk: the tower runs once per prompt
-                with self._rules(one_row=True):
+                with self._rules(), ax.one_row():
                     slot.prepared = vision_prompt.prepare(
                         self.graphdef,
                         self.params,
@@ -1073,9 +1077,8 @@ class Scheduler:
         slot.prefilled = hi
         name = slot.snapshot_at.get(hi)
         if name is not None:
-            snaps = dict(self._snaps)
-            snaps[name] = _snapshot(snaps[name], self._state, jnp.int32(index))
-            self._snaps = snaps
+            taken = _snapshot(self._snaps[name], self._state, jnp.int32(index))
+            self._snaps = {**self._snaps, name: taken}
             setattr(self._kept[index], name, slot.prompt[: hi + 1])
         if last:  # free the pixels and the prompt's embeddings
             slot.vision = slot.prepared = None

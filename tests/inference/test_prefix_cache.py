@@ -7,13 +7,13 @@ a whole prefill gives."""
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.serve_hlo import whole_leaf_gathers
 from qwenjax.api import build
 from qwenjax.config import ModelConfig
 from qwenjax.inference.engine import generate
@@ -251,11 +251,6 @@ def gathered_rows(scheduler) -> list[str]:
     XLA partitions a dynamic slice of the split slot axis so, the whole cache at every chunk,
     until the rows moved inside `shard_map`."""
     s = scheduler
-    whole = set()
-    for x in jax.tree.leaves((s._state.cache.blocks, s._snaps)):  # [NB, B, ...]
-        shard = list(x.addressable_shards[0].data.shape)
-        shard[1] = s.slots
-        whole.add(f"{x.dtype}[{','.join(map(str, shard))}]".replace("float32", "f32"))
     request = s._row_request(0, sched._Slot(handle=None, prompt=[9, 9], params=GREEDY))
     ids, slot = jnp.zeros((1, 16), jnp.int32), jnp.int32(1)
     with s._rules():
@@ -270,11 +265,8 @@ def gathered_rows(scheduler) -> list[str]:
                 opts=s.opts, last=True,
             ),
         ]  # fmt: skip
-    found = []
-    for f in lowered:
-        for shape in re.findall(r"= (\w+\[[\d,]*\])\S* all-gather", f.compile().as_text()):
-            found += [shape] if shape in whole else []
-    return found
+    leaves = jax.tree.leaves((s._state.cache.blocks, s._snaps))
+    return [g for f in lowered for g in whole_leaf_gathers(f.compile().as_text(), leaves, s.slots)]
 
 
 def test_without_prefix_cache_every_prompt_is_prefilled_whole(model):
